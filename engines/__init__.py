@@ -1,0 +1,1 @@
+"""Everything that turns a batch of jobs into pixels. Imports neither service nor training."""

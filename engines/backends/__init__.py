@@ -1,0 +1,1 @@
+"""Backends: what runs the networks. First version: torch modules loaded by diffusers."""

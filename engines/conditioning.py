@@ -1,0 +1,57 @@
+"""Text conditioning: prompts -> the embeddings a denoiser is conditioned on.
+
+The same computation as diffusers' StableDiffusionPipeline.encode_prompt (CLIP last hidden
+state) and StableDiffusion3Pipeline.encode_prompt (two CLIPs' penultimate hidden states side
+by side, padded to the joint width, then the T5 slot as zeros when there is no T5; pooled
+embeddings concatenated). Written out here so it runs on any backend's text encoder and once
+per batch; the oracle test holds it to the pipelines' output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Conditioning:
+    embeds: torch.Tensor  # [B, tokens, dim]
+    pooled: torch.Tensor | None = None  # [B, dim] (MMDiT)
+
+    @staticmethod
+    def cat(parts: list["Conditioning"]) -> "Conditioning":
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return Conditioning(torch.cat([p.embeds for p in parts]), pooled)
+
+
+def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(
+        prompts,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+@torch.inference_mode()
+def encode_ldm(tokenizer, text_encoder, prompts: list[str]) -> Conditioning:
+    ids = _token_ids(tokenizer, prompts).to(text_encoder.device)
+    return Conditioning(text_encoder(ids)[0])
+
+
+@torch.inference_mode()
+def encode_mmdit(
+    tokenizers, text_encoders, prompts: list[str], joint_dim: int, t5_tokens: int
+) -> Conditioning:
+    hidden, pooled = [], []
+    for tokenizer, encoder in zip(tokenizers, text_encoders):
+        out = encoder(_token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
+        pooled.append(out[0])
+        hidden.append(out.hidden_states[-2])
+    clip = torch.cat(hidden, dim=-1)
+    clip = F.pad(clip, (0, joint_dim - clip.shape[-1]))
+    t5_slot = clip.new_zeros(clip.shape[0], t5_tokens, joint_dim)
+    return Conditioning(torch.cat([clip, t5_slot], dim=-2), torch.cat(pooled, dim=-1))

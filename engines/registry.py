@@ -1,0 +1,150 @@
+"""The model registry: a JSON manifest naming each servable model and how to serve it.
+
+Format (paths are relative to the manifest's directory unless absolute):
+
+    {
+      "default": "tiny-mmdit",
+      "models": [
+        {
+          "id": "tiny-mmdit",
+          "path": "tiny-mmdit",              # a diffusers-format directory (safetensors only)
+          "family": "mmdit",                 # "ldm" (eps/v UNet) or "mmdit" (SD3 rectified flow)
+          "description": "...",
+          "tasks": ["txt2img"],
+          "samplers": ["flow_euler"],
+          "defaults": {"sampler": "flow_euler", "steps": 20, "guidance_scale": 4.0,
+                       "width": 64, "height": 64},
+          "limits": {"min_size": 32, "max_size": 128, "size_multiple": 16,
+                     "max_steps": 50, "max_guidance_scale": 30.0, "max_queue": 256},
+          "engine": "torch", "precision": "fp32", "max_batch": 8,
+          "options": {"t5_sequence_length": 256}
+        }
+      ]
+    }
+
+This module is torch-free so the API process can read it without loading any model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FAMILIES = {"ldm", "mmdit"}
+# Which samplers each family can run (engines.sampling implements them).
+FAMILY_SAMPLERS = {"ldm": {"ddim", "euler"}, "mmdit": {"flow_euler"}}
+KNOWN_TASKS = ("txt2img", "img2img", "inpaint", "superres", "video")
+
+
+class RegistryError(ValueError):
+    """The manifest is malformed or names something that does not exist."""
+
+
+@dataclass(frozen=True)
+class Defaults:
+    sampler: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    min_size: int = 32
+    max_size: int = 1024
+    size_multiple: int = 8
+    max_steps: int = 50
+    max_guidance_scale: float = 30.0
+    max_queue: int = 256  # queued + running jobs before the API answers 429
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    id: str
+    path: Path
+    family: str
+    tasks: tuple[str, ...]
+    samplers: tuple[str, ...]
+    defaults: Defaults
+    limits: Limits
+    description: str = ""
+    engine: str = "torch"
+    precision: str = "fp32"
+    max_batch: int = 8  # images per engine call
+    options: dict = field(default_factory=dict)
+
+    def tokenizer_dirs(self) -> list[Path]:
+        names = ["tokenizer"] if self.family == "ldm" else ["tokenizer", "tokenizer_2"]
+        return [self.path / name for name in names]
+
+
+@dataclass(frozen=True)
+class Registry:
+    default: str
+    models: dict[str, ModelSpec]
+
+    def get(self, model_id: str | None) -> ModelSpec:
+        """The model with this id (the default for None); KeyError if unknown."""
+        return self.models[model_id or self.default]
+
+
+def _spec(entry: dict, root: Path) -> ModelSpec:
+    model_id = entry.get("id")
+    if not model_id:
+        raise RegistryError("every model needs an 'id'")
+    family = entry.get("family")
+    if family not in FAMILIES:
+        raise RegistryError(f"{model_id}: family must be one of {sorted(FAMILIES)}, got {family!r}")
+    path = Path(entry.get("path", model_id))
+    path = path if path.is_absolute() else (root / path)
+    if not (path / "model_index.json").is_file():
+        raise RegistryError(f"{model_id}: {path} is not a diffusers model directory")
+    tasks = tuple(entry.get("tasks", ["txt2img"]))
+    unknown = [t for t in tasks if t not in KNOWN_TASKS]
+    if unknown:
+        raise RegistryError(f"{model_id}: unknown tasks {unknown}")
+    samplers = tuple(entry.get("samplers", sorted(FAMILY_SAMPLERS[family])))
+    bad = set(samplers) - FAMILY_SAMPLERS[family]
+    if bad:
+        raise RegistryError(f"{model_id}: samplers {sorted(bad)} do not fit family {family}")
+    defaults = Defaults(**entry["defaults"])
+    limits = Limits(**entry.get("limits", {}))
+    if defaults.sampler not in samplers:
+        raise RegistryError(f"{model_id}: default sampler {defaults.sampler!r} not in {samplers}")
+    for side in (defaults.width, defaults.height):
+        if side % limits.size_multiple or not limits.min_size <= side <= limits.max_size:
+            raise RegistryError(f"{model_id}: default size {side} breaks its own limits")
+    return ModelSpec(
+        id=model_id,
+        path=path.resolve(),
+        family=family,
+        tasks=tasks,
+        samplers=samplers,
+        defaults=defaults,
+        limits=limits,
+        description=entry.get("description", ""),
+        engine=entry.get("engine", "torch"),
+        precision=entry.get("precision", "fp32"),
+        max_batch=int(entry.get("max_batch", 8)),
+        options=dict(entry.get("options", {})),
+    )
+
+
+def load_registry(manifest: str | Path) -> Registry:
+    manifest = Path(manifest)
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise RegistryError(f"cannot read registry {manifest}: {exc}") from exc
+    models = {}
+    for entry in data.get("models", []):
+        spec = _spec(entry, manifest.parent)
+        if spec.id in models:
+            raise RegistryError(f"duplicate model id {spec.id!r}")
+        models[spec.id] = spec
+    default = data.get("default")
+    if default not in models:
+        raise RegistryError(f"default model {default!r} is not in the registry")
+    return Registry(default=default, models=models)

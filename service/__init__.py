@@ -1,0 +1,1 @@
+"""The HTTP boundary, the Redis queue protocol, the worker process and metrics."""

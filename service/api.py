@@ -1,0 +1,288 @@
+"""The HTTP API. Routes are thin: validate, hand off to the queue, map the answer.
+
+    python -m service.api               # serves on LATENTSERVE_HOST:LATENTSERVE_PORT
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from engines.registry import load_registry
+from service.config import Settings, load_settings
+from service.metrics import ApiExporter
+from service.queue import TERMINAL, ApiQueue, Job, QueueFull, StoredImage
+from service.schemas import ErrorOut, GenerateRequest, JobOut
+from service.validation import ApiError, resolve
+
+log = logging.getLogger("latentserve.api")
+RETRY_AFTER_S = 5
+SSE_KEEPALIVE_S = 15.0
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "field": field}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def job_body(job: Job, images: list[StoredImage] | None = None) -> dict:
+    body = {
+        "id": job.id,
+        "status": job.status,
+        "model": job.model,
+        "task": job.task,
+        "progress": {"step": job.progress_step, "total": job.progress_total or job.request.get("steps", 0)},
+        "error": job.error,
+        "warnings": job.warnings,
+        "created_at": job.created_at,
+    }
+    if job.status == "succeeded":
+        body["images"] = [
+            {"data": base64.b64encode(i.data).decode(), "mime": i.mime, "seed": i.seed,
+             "width": i.width, "height": i.height}
+            for i in images or []
+        ]
+    if job.timings:
+        body["timings"] = job.timings
+    if job.batch_size:
+        body["batch"] = {"size": job.batch_size}
+    return body
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings()
+    registry = load_registry(settings.registry)
+    metrics_registry = CollectorRegistry()
+    metrics = ApiExporter(metrics_registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        client = aioredis.Redis.from_url(settings.redis_url, health_check_interval=30)
+        app.state.queue = ApiQueue(client, settings.job_ttl_s)
+        try:
+            for model_id in registry.models:
+                await app.state.queue.ensure_group(model_id)
+        except aioredis.RedisError as exc:  # serve anyway: /readyz reports it
+            log.warning("redis not reachable at start: %s", exc)
+        yield
+        await client.aclose()
+
+    app = FastAPI(title="latentserve", version="0.1.0", lifespan=lifespan,
+                  description="Latent diffusion inference over a Redis Streams queue.")
+
+    def queue(request: Request) -> ApiQueue:
+        return request.app.state.queue
+
+    # ------------------------------------------------------------------ errors and metrics
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError):
+        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        names = [str(part) for part in first["loc"] if part not in ("body", "query", "path")]
+        field = ".".join(names) or "body"
+        return error_response(422, "invalid_request", f"{field}: {first['msg']}", field)
+
+    @app.exception_handler(aioredis.RedisError)
+    async def redis_error(_request: Request, exc: aioredis.RedisError):
+        return error_response(503, "queue_unavailable", f"queue unavailable: {exc}",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.http.labels(request.method, path, str(response.status_code)).inc()
+        if path == "/v1/generate":
+            model, task = getattr(request.state, "generate_labels", ("", ""))
+            metrics.generate.labels(model, task, str(response.status_code)).inc()
+        return response
+
+    # ------------------------------------------------------------------ jobs
+
+    responses = {c: {"model": ErrorOut} for c in (404, 422, 429, 503)}
+
+    @app.post("/v1/generate", status_code=202, responses={200: {"model": JobOut}, **responses})
+    async def generate(body: GenerateRequest, request: Request, wait: bool = False):
+        """Queue a generation job. 202 with its id, or with ?wait=true the finished job (200)."""
+        request.state.generate_labels = (body.model or registry.default, body.task)
+        resolved = resolve(body, registry)
+        job = Job(id=uuid.uuid4().hex, model=resolved.spec.id, task=body.task,
+                  request=resolved.request, created_at=time.time(), warnings=resolved.warnings)
+        q = queue(request)
+        try:
+            if not wait:
+                await q.enqueue(job, resolved.spec.limits.max_queue)
+                return accepted(job)
+            async with q.subscribe(job.id) as events:  # subscribed before the job exists
+                await q.enqueue(job, resolved.spec.limits.max_queue)
+                finished = await wait_for_end(q, events, job.id, settings.wait_timeout_s)
+        except QueueFull:
+            raise ApiError(429, "queue_full", f"model {job.model} has {resolved.spec.limits.max_queue} "
+                           "unfinished jobs; retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
+        if finished is None:
+            return accepted(job)
+        return JSONResponse(job_body(finished, await q.images(job.id)), status_code=200)
+
+    def accepted(job: Job) -> JSONResponse:
+        body = {"id": job.id, "status": "queued", "warnings": job.warnings}
+        return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+    async def wait_for_end(q: ApiQueue, events, job_id: str, timeout: float) -> Job | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            job = await q.get(job_id)
+            if job is None or job.status in TERMINAL:
+                return job
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            while (event := await events.next_event(left)) is not None and event["type"] != "done":
+                left = deadline - time.monotonic()
+
+    async def get_job_or_404(q: ApiQueue, job_id: str) -> Job:
+        job = await q.get(job_id)
+        if job is None:
+            raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown or expired)", "id")
+        return job
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobOut, responses=responses)
+    async def get_job(job_id: str, request: Request):
+        q = queue(request)
+        job = await get_job_or_404(q, job_id)
+        images = await q.images(job_id) if job.status == "succeeded" else None
+        return JSONResponse(job_body(job, images))
+
+    @app.get("/v1/jobs/{job_id}/events", responses=responses)
+    async def job_events(job_id: str, request: Request):
+        """Server-Sent Events: `status` and `progress` while it runs, then `done` with the job."""
+        q = queue(request)
+        await get_job_or_404(q, job_id)
+
+        async def stream():
+            async with q.subscribe(job_id) as events:  # subscribed before reading: no gap
+                job = await q.get(job_id)
+                if job is not None and job.status not in TERMINAL:
+                    yield sse("status", {"status": job.status, "step": job.progress_step,
+                                         "total": job.progress_total})
+                    while True:
+                        event = await events.next_event(SSE_KEEPALIVE_S)
+                        if event is None:
+                            yield ": keepalive\n\n"
+                            job = await q.get(job_id)
+                            if job is None or job.status in TERMINAL:
+                                break
+                        elif event["type"] == "done":
+                            break
+                        else:
+                            yield sse(event.pop("type"), event)
+                    job = await q.get(job_id)
+                if job is not None:
+                    images = await q.images(job_id) if job.status == "succeeded" else None
+                    yield sse("done", job_body(job, images))
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.get("/v1/jobs/{job_id}/images/{k}", responses=responses)
+    async def job_image(job_id: str, k: int, request: Request):
+        q = queue(request)
+        job = await get_job_or_404(q, job_id)
+        if job.status != "succeeded":
+            raise ApiError(404, "image_not_found", f"job {job_id} has no images (status {job.status})", "id")
+        image = await q.image(job_id, k) if 0 <= k < job.num_images else None
+        if image is None:
+            raise ApiError(404, "image_not_found", f"job {job_id} has images 0..{job.num_images - 1}", "k")
+        return Response(image.data, media_type=image.mime)
+
+    @app.delete("/v1/jobs/{job_id}", responses={409: {"model": ErrorOut}, **responses})
+    async def cancel_job(job_id: str, request: Request):
+        """Cancel: a queued job never runs; a running one stops at its next denoising step."""
+        q = queue(request)
+        outcome = await q.cancel(job_id)
+        if outcome is None:
+            raise ApiError(404, "job_not_found", f"no job {job_id!r} (unknown or expired)", "id")
+        if outcome in ("succeeded", "failed"):
+            raise ApiError(409, "job_finished", f"job {job_id} already {outcome}", "id")
+        status = "cancelled" if outcome == "cancelled" else "running"
+        return JSONResponse({"id": job_id, "status": status, "cancel_requested": True},
+                            status_code=200 if status == "cancelled" else 202)
+
+    # ------------------------------------------------------------------ models, health, metrics
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        out = []
+        for spec in registry.models.values():
+            workers = await queue(request).live_workers(spec.id, settings.heartbeat_ttl_s)
+            out.append({
+                "id": spec.id, "family": spec.family, "description": spec.description,
+                "default": spec.id == registry.default, "tasks": list(spec.tasks),
+                "samplers": list(spec.samplers), "defaults": vars(spec.defaults),
+                "limits": {**vars(spec.limits), "max_images": 8},
+                "engine": spec.engine, "precision": spec.precision, "live_workers": workers,
+            })
+        return {"default": registry.default, "models": out}
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request):
+        q = queue(request)
+        try:
+            await q.r.ping()
+            workers = await q.live_workers(registry.default, settings.heartbeat_ttl_s)
+        except aioredis.RedisError as exc:
+            return error_response(503, "not_ready", f"redis unreachable: {exc}")
+        if workers == 0:
+            return error_response(503, "not_ready", f"no live worker for default model {registry.default}")
+        return {"status": "ready", "default_model": registry.default, "live_workers": workers}
+
+    @app.get("/metrics")
+    async def prometheus_metrics(request: Request):
+        q = queue(request)
+        try:
+            for model_id in registry.models:
+                metrics.queue_depth.labels(model_id).set(await q.depth(model_id))
+                metrics.live_workers.labels(model_id).set(
+                    await q.live_workers(model_id, settings.heartbeat_ttl_s))
+        except aioredis.RedisError as exc:
+            log.warning("metrics without queue figures: %s", exc)
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def main() -> None:
+    import uvicorn
+
+    settings = load_settings()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level, timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()

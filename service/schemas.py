@@ -1,0 +1,58 @@
+"""Request and response bodies at the HTTP boundary (pydantic lives only here)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Task = Literal["txt2img", "img2img", "inpaint", "superres", "video"]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(None, description="Registry id; the default model if omitted.")
+    task: Task = "txt2img"
+    prompt: str = Field(..., min_length=1, max_length=500)
+    negative_prompt: str = Field("", max_length=500)
+    width: int | None = Field(None, ge=1, description="Pixels; the model's default if omitted.")
+    height: int | None = Field(None, ge=1)
+    num_images: int = Field(1, ge=1, le=8)
+    steps: int | None = Field(None, ge=1)
+    sampler: str | None = None
+    guidance_scale: float | None = Field(None, ge=0.0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random if omitted; image k uses seed + k.")
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+
+
+class ImageOut(BaseModel):
+    data: str  # base64
+    mime: str
+    seed: int
+    width: int
+    height: int
+
+
+class JobOut(BaseModel):
+    id: str
+    status: str
+    model: str | None = None
+    task: str | None = None
+    progress: dict | None = None
+    error: str | None = None
+    warnings: list[str] = []
+    images: list[ImageOut] | None = None
+    timings: dict | None = None
+    batch: dict | None = None
+    created_at: float | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorOut(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,83 @@
+"""A request, checked against the model it names and completed with that model's defaults."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from engines.prompts import check_prompt
+from engines.registry import ModelSpec, Registry
+from service.schemas import GenerateRequest
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field = status, code, message, field
+        self.headers = headers or {}
+
+
+def invalid(field: str, message: str) -> ApiError:
+    return ApiError(422, "invalid_request", message, field)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    spec: ModelSpec
+    request: dict  # every parameter filled in: what the worker runs
+    warnings: list[str]
+
+
+def resolve(req: GenerateRequest, registry: Registry) -> Resolved:
+    try:
+        spec = registry.get(req.model)
+    except KeyError:
+        raise ApiError(404, "model_not_found", f"unknown model {req.model!r}; see GET /v1/models", "model")
+    if req.task not in spec.tasks:
+        raise invalid("task", f"model {spec.id} does not support task {req.task!r} (supports: {', '.join(spec.tasks)})")
+
+    d, lim = spec.defaults, spec.limits
+    width, height = req.width or d.width, req.height or d.height
+    for name, value in (("width", width), ("height", height)):
+        if not lim.min_size <= value <= lim.max_size or value % lim.size_multiple:
+            raise invalid(name, f"{name} must be a multiple of {lim.size_multiple} between "
+                                f"{lim.min_size} and {lim.max_size} for model {spec.id}, got {value}")
+    steps = req.steps or d.steps
+    if steps > lim.max_steps:
+        raise invalid("steps", f"steps must be at most {lim.max_steps} for model {spec.id}, got {steps}")
+    sampler = req.sampler or d.sampler
+    if sampler not in spec.samplers:
+        raise invalid("sampler", f"sampler must be one of {', '.join(spec.samplers)} for model {spec.id}, got {sampler!r}")
+    guidance = d.guidance_scale if req.guidance_scale is None else req.guidance_scale
+    if guidance > lim.max_guidance_scale:
+        raise invalid("guidance_scale", f"guidance_scale must be at most {lim.max_guidance_scale}, got {guidance}")
+    if not req.prompt.strip():
+        raise invalid("prompt", "prompt must not be blank")
+
+    warnings = []
+    for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        unknown, truncated = [], False
+        for tokenizer_dir in spec.tokenizer_dirs():
+            check = check_prompt(tokenizer_dir, text)
+            unknown += [w for w in check.unknown_words if w not in unknown]
+            truncated |= check.truncated
+        if unknown:
+            warnings.append(f"{field}: words unknown to {spec.id}'s tokenizer, read as its unknown "
+                            f"token: {', '.join(unknown)}")
+        if truncated:
+            warnings.append(f"{field}: longer than {spec.id}'s text encoder reads; the end is cut off")
+
+    request = {
+        "prompt": req.prompt,
+        "negative_prompt": req.negative_prompt,
+        "width": width,
+        "height": height,
+        "num_images": req.num_images,
+        "steps": steps,
+        "sampler": sampler,
+        "guidance_scale": guidance,
+        "seed": secrets.randbelow(2**32) if req.seed is None else req.seed,
+        "output_format": req.output_format,
+    }
+    return Resolved(spec, request, warnings)

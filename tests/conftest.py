@@ -1,0 +1,206 @@
+"""Real components only: a redis-server on a free loopback port, the API and workers as
+processes, and model weights loaded through a registry from diffusers-format directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "models"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("redis-server not found: `make test` installs Debian's redis-server")
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def up():
+        try:
+            return client.ping()
+        except redis.ConnectionError:
+            return False
+
+    wait_until(up, 10, "redis-server")
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture()
+def r(redis_url):
+    return redis.Redis.from_url(redis_url)
+
+
+def model_entry(model_id: str, path: Path, family: str, **overrides) -> dict:
+    entry = {
+        "id": model_id,
+        "path": str(path),
+        "family": family,
+        "tasks": ["txt2img"],
+        "samplers": ["flow_euler"] if family == "mmdit" else ["ddim", "euler"],
+        "defaults": {"sampler": "flow_euler" if family == "mmdit" else "ddim", "steps": 20,
+                     "guidance_scale": 4.0, "width": 64, "height": 64},
+        "limits": {"min_size": 32, "max_size": 128, "size_multiple": 8, "max_steps": 50,
+                   "max_guidance_scale": 30.0, "max_queue": 64},
+        "max_batch": 8,
+    }
+    for key, value in overrides.items():
+        entry[key] = {**entry[key], **value} if isinstance(value, dict) else value
+    return entry
+
+
+@pytest.fixture(scope="session")
+def registry_path(tmp_path_factory) -> Path:
+    """The shipped tiny models under several ids, each id its own stream:
+    tiny-mmdit / tiny-ldm (served by the shared worker), slow-ldm (served only by workers a
+    test starts itself) and limited (never served, max_queue 2)."""
+    path = tmp_path_factory.mktemp("registry") / "registry.json"
+    models = [
+        model_entry("tiny-mmdit", MODELS / "tiny-mmdit", "mmdit"),
+        model_entry("tiny-ldm", MODELS / "tiny-ldm", "ldm"),
+        model_entry("slow-ldm", MODELS / "tiny-ldm", "ldm"),
+        model_entry("limited", MODELS / "tiny-mmdit", "mmdit", limits={"max_queue": 2}),
+    ]
+    path.write_text(json.dumps({"default": "tiny-mmdit", "models": models}))
+    return path
+
+
+def service_env(redis_url: str, registry_path: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env.update({
+        "PYTHONPATH": str(ROOT),
+        "LATENTSERVE_REDIS_URL": redis_url,
+        "LATENTSERVE_REGISTRY": str(registry_path),
+        "LATENTSERVE_LOG_LEVEL": "warning",
+        "LATENTSERVE_TORCH_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    })
+    env.update({f"LATENTSERVE_{k.upper()}": str(v) for k, v in extra.items()})
+    return env
+
+
+class Proc:
+    def __init__(self, args, env, log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.popen = subprocess.Popen(args, env=env, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.alive():
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.log.close()
+        return self.popen.returncode
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def api(redis_url, registry_path, tmp_path_factory):
+    """The API as a process; yields an httpx client bound to it."""
+    port = free_port()
+    env = service_env(redis_url, registry_path, port=port, wait_timeout_s=60)
+    proc = Proc([sys.executable, "-m", "service.api"], env, tmp_path_factory.mktemp("api") / "api.log")
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
+
+    def healthy():
+        assert proc.alive(), proc.output()
+        try:
+            return client.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(healthy, 30, "the API")
+    yield client
+    client.close()
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def start_worker(redis_url, registry_path, tmp_path_factory):
+    """Start a worker process: start_worker(models="slow-ldm", worker_id="a", ...settings)."""
+    procs: list[Proc] = []
+    client = redis.Redis.from_url(redis_url)
+
+    def start(models: str, worker_id: str, wait: bool = True, metrics_port: int = 0, **settings) -> Proc:
+        env = service_env(redis_url, registry_path, worker_models=models, worker_id=worker_id,
+                          worker_metrics_port=metrics_port, **settings)
+        log = tmp_path_factory.mktemp("worker") / f"{worker_id}.log"
+        proc = Proc([sys.executable, "-m", "service.worker"], env, log)
+        proc.metrics_port = metrics_port
+        procs.append(proc)
+        if wait:  # ready once its heartbeat is in every served model's worker set
+            def beating():
+                assert proc.alive(), proc.output()
+                return all(client.zscore(f"latentserve:workers:{m}", worker_id) for m in models.split(","))
+
+            wait_until(beating, 60, f"worker {worker_id}")
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def worker(start_worker):
+    """The shared worker for tiny-mmdit and tiny-ldm. Its 0.5 s fill window lets concurrent
+    requests meet in one batch."""
+    return start_worker("tiny-mmdit,tiny-ldm", "shared", fill_window_s=0.5, metrics_port=free_port())
+
+
+def generate(api: httpx.Client, wait: bool = True, **body) -> httpx.Response:
+    return api.post("/v1/generate", params={"wait": "true"} if wait else None, json=body)
+
+
+def job_status(api: httpx.Client, job_id: str) -> dict:
+    response = api.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return response.json()

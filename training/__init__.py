@@ -1,0 +1,1 @@
+"""Training code for the shipped model family: data, trainers, evaluation, model builders."""
