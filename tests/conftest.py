@@ -138,7 +138,8 @@ class Proc:
         return self.popen.returncode
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
 
@@ -163,37 +164,50 @@ def api(redis_url, registry_path, tmp_path_factory):
     proc.stop()
 
 
-@pytest.fixture(scope="session")
-def start_worker(redis_url, registry_path, tmp_path_factory):
-    """Start a worker process: start_worker(models="slow-ldm", worker_id="a", ...settings)."""
-    procs: list[Proc] = []
-    client = redis.Redis.from_url(redis_url)
+class Workers:
+    """Starts worker processes: start(models="slow-ldm", worker_id="a", **settings)."""
 
-    def start(models: str, worker_id: str, wait: bool = True, metrics_port: int = 0, **settings) -> Proc:
-        env = service_env(redis_url, registry_path, worker_models=models, worker_id=worker_id,
-                          worker_metrics_port=metrics_port, **settings)
-        log = tmp_path_factory.mktemp("worker") / f"{worker_id}.log"
-        proc = Proc([sys.executable, "-m", "service.worker"], env, log)
+    def __init__(self, redis_url: str, registry_path: Path, log_dir: Path):
+        self.redis_url, self.registry_path, self.log_dir = redis_url, registry_path, log_dir
+        self.procs: list[Proc] = []
+        self.client = redis.Redis.from_url(redis_url)
+
+    def __call__(self, models: str, worker_id: str, wait: bool = True, metrics_port: int = 0,
+                 **settings) -> Proc:
+        env = service_env(self.redis_url, self.registry_path, worker_models=models,
+                          worker_id=worker_id, worker_metrics_port=metrics_port, **settings)
+        proc = Proc([sys.executable, "-m", "service.worker"], env, self.log_dir / f"{worker_id}.log")
         proc.metrics_port = metrics_port
-        procs.append(proc)
+        self.procs.append(proc)
         if wait:  # ready once its heartbeat is in every served model's worker set
             def beating():
                 assert proc.alive(), proc.output()
-                return all(client.zscore(f"latentserve:workers:{m}", worker_id) for m in models.split(","))
+                return all(self.client.zscore(f"latentserve:workers:{m}", worker_id)
+                           for m in models.split(","))
 
             wait_until(beating, 60, f"worker {worker_id}")
         return proc
 
-    yield start
-    for proc in procs:
-        proc.stop(timeout=10)
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.stop(timeout=10)
+
+
+@pytest.fixture()
+def start_worker(redis_url, registry_path, tmp_path):
+    """Workers for one test; stopped when it ends."""
+    workers = Workers(redis_url, registry_path, tmp_path)
+    yield workers
+    workers.stop_all()
 
 
 @pytest.fixture(scope="session")
-def worker(start_worker):
+def worker(redis_url, registry_path, tmp_path_factory):
     """The shared worker for tiny-mmdit and tiny-ldm. Its 0.5 s fill window lets concurrent
     requests meet in one batch."""
-    return start_worker("tiny-mmdit,tiny-ldm", "shared", fill_window_s=0.5, metrics_port=free_port())
+    workers = Workers(redis_url, registry_path, tmp_path_factory.mktemp("shared-worker"))
+    yield workers("tiny-mmdit,tiny-ldm", "shared", fill_window_s=0.5, metrics_port=free_port())
+    workers.stop_all()
 
 
 def generate(api: httpx.Client, wait: bool = True, **body) -> httpx.Response:

@@ -1,0 +1,74 @@
+"""Bad input gets a 4xx naming the field, and never reaches a worker."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import generate
+
+GOOD = dict(prompt="a red circle", steps=2)
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"prompt": None}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "a" * 501}, "prompt"),
+    ({"negative_prompt": "a" * 501}, "negative_prompt"),
+    ({"width": 36}, "width"),
+    ({"width": 256}, "width"),
+    ({"height": 16}, "height"),
+    ({"height": "tall"}, "height"),
+    ({"num_images": 0}, "num_images"),
+    ({"num_images": 9}, "num_images"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 51}, "steps"),
+    ({"sampler": "ddim"}, "sampler"),  # an eps sampler for the flow model
+    ({"guidance_scale": -1}, "guidance_scale"),
+    ({"guidance_scale": 31}, "guidance_scale"),
+    ({"seed": -1}, "seed"),
+    ({"seed": 2**32}, "seed"),
+    ({"output_format": "gif"}, "output_format"),
+    ({"task": "img2img"}, "task"),  # a real task this model doesn't support yet
+    ({"task": "paint"}, "task"),
+    ({"colour": "red"}, "colour"),
+])
+def test_each_bad_field_is_a_422_naming_it(api, r, change, field):
+    body = {k: v for k, v in {**GOOD, **change}.items() if v is not None}
+    before = r.xlen("latentserve:stream:tiny-mmdit")
+    response = generate(api, **body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and error["code"] == "invalid_request"
+    assert field in error["message"] or field == "prompt"
+    assert r.xlen("latentserve:stream:tiny-mmdit") == before  # nothing was queued
+
+
+def test_body_that_is_not_json_is_a_422(api):
+    response = api.post("/v1/generate", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422 and response.json()["error"]["field"]
+
+
+def test_unknown_model_is_404_naming_the_field(api):
+    response = generate(api, model="sd-99", **GOOD)
+    assert response.status_code == 404
+    assert response.json()["error"] == {
+        "code": "model_not_found", "message": "unknown model 'sd-99'; see GET /v1/models", "field": "model"}
+
+
+def test_unknown_job_is_404(api):
+    assert api.get("/v1/jobs/0123").status_code == 404
+    assert api.get("/v1/jobs/0123/images/0").status_code == 404
+
+
+def test_queue_over_its_limit_is_429_with_retry_after(api):
+    # `limited` has max_queue 2 and no worker: two jobs wait, the third is refused.
+    ids = [generate(api, wait=False, model="limited", **GOOD) for _ in range(2)]
+    assert [response.status_code for response in ids] == [202, 202]
+    refused = generate(api, wait=False, model="limited", **GOOD)
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["retry-after"]) > 0
+    assert refused.json()["error"]["code"] == "queue_full"
+    for response in ids:  # cancelling frees the places
+        assert api.delete(f"/v1/jobs/{response.json()['id']}").status_code == 200
+    assert generate(api, wait=False, model="limited", **GOOD).status_code == 202
