@@ -1,0 +1,43 @@
+# latentserve image. CPU by default:
+#   docker build -t latentserve .
+# GPU hosts (CUDA 13 base, the `gpu` extra: onnxruntime-gpu + TensorRT, CUDA torch):
+#   docker build --target gpu -t latentserve:gpu .
+# One image runs every role: `python -m service.api` (default) or `python -m service.worker`.
+
+FROM python:3.11-slim-bookworm AS cpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 LATENTSERVE_HOST=0.0.0.0
+WORKDIR /app
+# The CPU build of torch from PyTorch's own index (PyPI's Linux wheel is the CUDA build).
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY engines ./engines
+COPY training ./training
+RUN pip install '.[cpu]'
+COPY models ./models
+RUN useradd --uid 10001 --no-create-home latentserve
+USER latentserve
+EXPOSE 8000 9101
+HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')" || exit 1
+CMD ["python", "-m", "service.api"]
+
+FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04 AS gpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HF_HUB_OFFLINE=1 LATENTSERVE_HOST=0.0.0.0 LATENTSERVE_DEVICE=cuda \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* && python3 -m venv /opt/venv
+WORKDIR /app
+RUN pip install --index-url https://download.pytorch.org/whl/cu130 torch==2.13.0
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY engines ./engines
+COPY training ./training
+# `gpu`, never `cpu`: onnxruntime and onnxruntime-gpu provide the same module.
+RUN pip install '.[gpu]'
+COPY models ./models
+RUN useradd --uid 10001 --no-create-home latentserve
+USER latentserve
+EXPOSE 8000 9101
+CMD ["python", "-m", "service.worker"]
