@@ -60,7 +60,16 @@ class Worker:
         log.info("worker %s serving %s (max_batch=%d)", self.queue.worker_id, model_ids, self.max_batch)
         while held or not self.stopping.is_set():
             if not self.stopping.is_set():
-                held += self._claim(held)
+                try:
+                    held += self._claim(held)
+                except redis.ConnectionError as exc:  # Redis restarting: wait, don't die
+                    log.warning("redis unavailable (%s); retrying in 1s", exc)
+                    time.sleep(1)
+                except redis.ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    for model_id in model_ids:  # the stream was deleted (e.g. FLUSHALL)
+                        self.queue.ensure_group(model_id)
                 self._holding = [c for _, c in held]
             if not held:
                 continue
