@@ -20,7 +20,9 @@ class Settings:
     worker_metrics_port: int = 9101  # 0: pick a free port
     worker_id: str = ""  # empty: host-pid
     max_batch: int = 0  # images per engine call; 0: each model's registry value
-    fill_window_s: float = 0.05  # how long a worker waits to fill a batch after the first job
+    # After its first job, how long a worker waits for more to fill the batch: a little
+    # latency for a lone request buys full batches when requests arrive close together.
+    fill_window_s: float = 0.02
     visibility_timeout_s: float = 60.0  # a claimed job idle this long is reclaimed
     max_attempts: int = 3  # deliveries before a job is dead-lettered as failed
     job_ttl_s: int = 86400  # job records and results expire after this

@@ -91,11 +91,14 @@ def main() -> None:
                 print(f"serve: worker exited with {worker.returncode}; restarting", file=sys.stderr)
                 worker = spawn("service.worker")
     finally:
-        for proc in [api, worker, *children]:  # redis last, after the worker has acked
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        # API and worker together (the worker finishes its batch), then Redis after them.
+        for group in ([api, worker], children):
+            for proc in group:
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for proc in group:
                 try:
-                    proc.wait(timeout=30)
+                    proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     proc.kill()
         print("serve: stopped")

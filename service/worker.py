@@ -81,21 +81,20 @@ class Worker:
         log.info("worker %s stopped", self.queue.worker_id)
 
     def _claim(self, held: list[Held]) -> list[Held]:
-        """New entries up to max_batch images: block briefly for the first, then fill the batch
-        for at most fill_window_s. With jobs already held, only take what is waiting now."""
+        """New entries up to max_batch images: block briefly for the first, then give others
+        fill_window_s to arrive. With jobs already held, only take what is waiting now."""
         capacity = self.max_batch - sum(job.num_images for job, _ in held)
         if capacity <= 0:
             return []
         min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
         models = list(self.models)
         claimed = self.queue.claim(models, capacity, None if held else 1000, min_idle_ms)
-        if claimed and not held:
-            deadline = time.monotonic() + self.settings.fill_window_s
-            while (images := sum(c.images for c in claimed)) < self.max_batch:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0:
-                    break
-                claimed += self.queue.claim(models, self.max_batch - images, left_ms, min_idle_ms)
+        images = sum(c.images for c in claimed)
+        if claimed and not held and images < capacity and self.settings.fill_window_s > 0:
+            # A plain sleep, not a blocking read: Redis checks BLOCK timeouts only `hz` times
+            # a second (every 100 ms by default), far coarser than a fill window.
+            time.sleep(self.settings.fill_window_s)
+            claimed += self.queue.claim(models, capacity - images, None, min_idle_ms)
         out = []
         for c, job in zip(claimed, self.queue.load(claimed)):
             if job is None or job.model not in self.models:
