@@ -1,0 +1,114 @@
+"""A deterministic scorer of shapes images: background, then each object's color, shape,
+size and position, read from pixels alone.
+
+- background: the median color of the image border;
+- objects: pixels whose color differs from the background, as an alpha (how far each pixel
+  goes from the background towards the object color, so anti-aliased edges count partly),
+  split into connected components (scipy.ndimage);
+- color: nearest palette color in CIE Lab (so pink and red part) of the object's core pixels;
+- shape: from solidity (area / convex-hull area: a star is far from convex) and fill (area /
+  bounding box: square 1, circle pi/4, triangle 1/2);
+- size: the radius the area implies for that shape, against the midpoint of the two sizes;
+- position: the nearest anchor to the alpha-weighted centroid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
+
+from training.shapes import ANCHORS, COLORS, NEUTRALS, RADIUS, Obj
+
+_NAMES = list(COLORS) + list(NEUTRALS)
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB uint8 [..., 3] -> CIE Lab (D65)."""
+    c = rgb.astype(np.float64) / 255.0
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]])
+    xyz = c @ m.T / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], -1)
+
+
+_PALETTE_LAB = rgb_to_lab(np.array([COLORS.get(n) or NEUTRALS[n] for n in _NAMES]))
+_OBJECT_LAB = _PALETTE_LAB[: len(COLORS)]
+# Area of each shape as drawn by training.shapes, in units of its radius squared.
+_AREA_PER_R2 = {"circle": np.pi, "square": (2 * 0.85) ** 2, "triangle": 0.5 * 2 * 1.1 * 0.95 * 1.1 * 1.75,
+                "star": 5 * 0.45 * np.sin(np.pi / 5) * 1.15**2}
+_SIZE_SPLIT = float(np.sqrt(RADIUS["small"] * RADIUS["large"]))
+
+
+def nearest_color(lab: np.ndarray, palette: np.ndarray, names: list[str]) -> str:
+    return names[int(np.argmin(np.linalg.norm(palette - lab, axis=-1)))]
+
+
+@dataclass(frozen=True)
+class Detection:
+    background: str
+    objects: tuple[Obj, ...]
+
+
+def _classify_shape(alpha: np.ndarray) -> str:
+    core = alpha > 0.5
+    ys, xs = np.nonzero(core)
+    area = float(alpha.sum())
+    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+    fill = area / (height * width)
+    # Hull of the pixel squares' corners, so a pixelated convex shape stays convex.
+    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
+    try:
+        hull_area = ConvexHull(corners).volume
+    except QhullError:
+        return "square"
+    solidity = area / hull_area
+    if solidity < 0.75:
+        return "star"
+    if fill > 0.88:
+        return "square"
+    if fill > 0.64:
+        return "circle"
+    return "triangle"
+
+
+def score_image(image: np.ndarray, max_objects: int = 2) -> Detection:
+    """Read the background and up to `max_objects` objects (largest first) from uint8 [H, W, 3]."""
+    side = image.shape[0]
+    lab = rgb_to_lab(image)
+    border = np.concatenate([lab[:2].reshape(-1, 3), lab[-2:].reshape(-1, 3),
+                             lab[:, :2].reshape(-1, 3), lab[:, -2:].reshape(-1, 3)])
+    bg_lab = np.median(border, axis=0)
+    background = nearest_color(bg_lab, _PALETTE_LAB, _NAMES)
+
+    distance = np.linalg.norm(lab - bg_lab, axis=-1)
+    labels, count = ndimage.label(distance > 12)
+    if count == 0:
+        return Detection(background, ())
+    sizes = ndimage.sum_labels(np.ones_like(distance), labels, index=np.arange(1, count + 1))
+    order = np.argsort(-sizes)
+    objects = []
+    for index in order[:max_objects]:
+        if sizes[index] < 0.004 * side * side:  # specks are not objects
+            break
+        mask = labels == index + 1
+        # The object's color: the core pixels farthest from the background.
+        far = distance[mask] >= np.percentile(distance[mask], 60)
+        obj_lab = np.median(lab[mask][far], axis=0)
+        color = nearest_color(obj_lab, _OBJECT_LAB, list(COLORS))
+        # Alpha: position of each pixel between background and object color.
+        direction = obj_lab - bg_lab
+        alpha = ((lab - bg_lab) @ direction) / max(float(direction @ direction), 1e-6)
+        alpha = np.clip(alpha, 0, 1) * ndimage.binary_dilation(mask)
+        shape = _classify_shape(alpha)
+        radius = np.sqrt(alpha.sum() / _AREA_PER_R2[shape]) / side
+        size = "small" if radius < _SIZE_SPLIT else "large"
+        ys, xs = np.mgrid[0:side, 0:side]
+        cy, cx = (alpha * ys).sum() / alpha.sum(), (alpha * xs).sum() / alpha.sum()
+        cx, cy = (cx + 0.5) / side, (cy + 0.5) / side
+        position = min(ANCHORS, key=lambda p: (ANCHORS[p][0] - cx) ** 2 + (ANCHORS[p][1] - cy) ** 2)
+        objects.append(Obj(shape, color, size, position))
+    return Detection(background, tuple(objects))
