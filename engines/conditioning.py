@@ -4,7 +4,8 @@ The same computation as diffusers' StableDiffusionPipeline.encode_prompt (CLIP l
 state) and StableDiffusion3Pipeline.encode_prompt (two CLIPs' penultimate hidden states side
 by side, padded to the joint width, then the T5 slot as zeros when there is no T5; pooled
 embeddings concatenated). Written out here so it runs on any backend's text encoder and once
-per batch; the oracle test holds it to the pipelines' output.
+per batch; the oracle test holds it to the pipelines' output. No inference_mode here: the
+trainers backpropagate through the same code (tasks run it under inference_mode).
 """
 
 from __future__ import annotations
@@ -36,13 +37,11 @@ def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-@torch.inference_mode()
 def encode_ldm(tokenizer, text_encoder, prompts: list[str]) -> Conditioning:
     ids = _token_ids(tokenizer, prompts).to(text_encoder.device)
     return Conditioning(text_encoder(ids)[0])
 
 
-@torch.inference_mode()
 def encode_mmdit(
     tokenizers, text_encoders, prompts: list[str], joint_dim: int, t5_tokens: int
 ) -> Conditioning:

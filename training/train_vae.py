@@ -36,7 +36,7 @@ def build_vae(width: int = 64) -> AutoencoderKL:
         block_out_channels=(width // 2, width, width),
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=16,
+        norm_num_groups=max(1, min(16, width // 4)),
         sample_size=64,
         mid_block_add_attention=False,  # flat synthetic scenes don't need global attention
     )

@@ -1,0 +1,45 @@
+"""A bank of (latent, caption) pairs for denoiser training, encoded once with the trained VAE.
+
+Scenes and captions come from a seeded generator (held-out pairs never appear); latents are
+the posterior means, multiplied by the VAE's scaling factor, as the denoisers see them.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+
+from training.shapes import caption, random_scene, render
+
+
+@torch.no_grad()
+def build_bank(vae_dir: Path, n: int, seed: int = 1, chunk: int = 256) -> dict:
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
+    rng = random.Random(seed)
+    latents, captions = [], []
+    for start in range(0, n, chunk):
+        images = []
+        for _ in range(min(chunk, n - start)):
+            text, scene = caption(random_scene(rng), rng)
+            images.append(render(scene, 64, rng))
+            captions.append(text)
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mean = vae.encode(x).latent_dist.mean
+        latents.append((mean.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor)
+    return {"latents": torch.cat(latents).half(), "captions": captions}
+
+
+def load_or_build(path: Path, vae_dir: Path, n: int, seed: int = 1) -> dict:
+    if path.exists():
+        bank = torch.load(path, weights_only=False)
+        if len(bank["captions"]) >= n:
+            return bank
+    bank = build_bank(vae_dir, n, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(bank, path)
+    return bank
