@@ -94,3 +94,18 @@ def test_mmdit_trainer_smoke_exports_a_model_diffusers_and_our_engine_both_run(t
     model = torch_backend.load(load_registry(registry).get("m"))
     ours = txt2img(model, Txt2ImgBatch(64, 64, "flow_euler", 2, [ImageRequest("a red circle", "", 1, 3.0)]))
     assert ours.shape == (1, 64, 64, 3)
+
+
+def test_ldm_trainer_smoke_exports_a_model_the_sd_pipeline_runs(tmp_path):
+    common = ["-m", "training.train_ldm", "--vae", str(ROOT / "models" / "tiny-ldm" / "vae"),
+              "--out", str(tmp_path / "run"), "--width", "16", "--text-width", "32",
+              "--batch", "4", "--bank", "64"]
+    run(*common, "--steps", "3")
+    run(*common, "--export", str(tmp_path / "model"))
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None,
+                                                   requires_safety_checker=False)
+    assert pipe.scheduler.config.beta_schedule == "linear"
+    image = pipe("a blue star", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()

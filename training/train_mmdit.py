@@ -14,11 +14,8 @@ T5 slot is left empty (max_sequence_length=0). Weights are exported from an EMA.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import random
-import time
 from pathlib import Path
 
 import torch
@@ -26,8 +23,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from engines.conditioning import encode_mmdit
-from training import checkpoint
 from training.latents import load_or_build
+from training.loop import fit, load_ema
 from training.vocab import build_tokenizer
 
 TEXT_LENGTH = 32
@@ -69,54 +66,20 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer, net = build(args)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
-    ckpt = args.out / "checkpoint.pt"
-    step, extra = checkpoint.load(ckpt, {"net": net, "ema": ema}, opt)
     bank = load_or_build(args.out / "bank.pt", args.vae, args.bank)
     latents, captions = bank["latents"].float(), bank["captions"]
-    rng = random.Random(args.seed + step)
-    params = sum(p.numel() for p in net["transformer"].parameters()) / 1e6
-    print(f"mmdit: transformer {params:.2f}M params, bank {len(captions)}, from step {step}", flush=True)
-    log = open(args.out / "log.jsonl", "a")
-    started, last_save = time.time(), time.time()
-    elapsed_before = extra.get("elapsed_s", 0.0)
-    net.train()
-    while step < args.steps and time.time() - started < args.minutes * 60:
-        lr = args.lr * min(1.0, (step + 1) / 200)
-        for group in opt.param_groups:
-            group["lr"] = lr
+
+    def loss_on_batch(rng: random.Random) -> torch.Tensor:
         idx = [rng.randrange(len(captions)) for _ in range(args.batch)]
         texts = [captions[i] if rng.random() >= args.drop else "" for i in idx]
-        loss = loss_fn(net, tokenizer, latents[idx], texts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        step += 1
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), net.parameters()):
-                p_ema.lerp_(p, 1 - decay)
-        if step % 50 == 0:
-            record = {"step": step, "loss": loss.item(), "lr": lr, "elapsed_s": elapsed_before + time.time() - started}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            print(record, flush=True)
-        if step in args.snapshot_steps:
-            checkpoint.save(args.out / f"snapshot-{step}.pt", step, {"net": net, "ema": ema}, opt)
-        if time.time() - last_save > 300:
-            checkpoint.save(ckpt, step, {"net": net, "ema": ema}, opt, {"elapsed_s": elapsed_before + time.time() - started})
-            last_save = time.time()
-    checkpoint.save(ckpt, step, {"net": net, "ema": ema}, opt, {"elapsed_s": elapsed_before + time.time() - started})
-    print(f"stopped at step {step}", flush=True)
+        return loss_fn(net, tokenizer, latents[idx], texts)
+
+    fit(args, net, loss_on_batch)
 
 
 def export(args) -> None:
     tokenizer, net = build(args)
-    ema = copy.deepcopy(net)
-    source = args.out / (f"snapshot-{args.export_step}.pt" if args.export_step else "checkpoint.pt")
-    step, extra = checkpoint.load(source, {"net": net, "ema": ema}, torch.optim.AdamW(net.parameters()))
+    ema, step, extra = load_ema(args, net)
     vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True)
     pipe = StableDiffusion3Pipeline(
         transformer=ema["transformer"], scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift),

@@ -1,0 +1,67 @@
+"""The training loop the denoiser trainers share: warmup, clipping, EMA, logging, resumable
+checkpoints and snapshots, stopping at a step count or a wall-clock budget."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from typing import Callable
+
+import torch
+
+from training import checkpoint
+
+
+def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], torch.Tensor]) -> None:
+    """Train `net` (a ModuleDict of everything trained jointly); keeps an EMA copy.
+
+    args: out, steps, minutes, lr, ema, seed, snapshot_steps. Checkpoints hold both.
+    """
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
+    ckpt = args.out / "checkpoint.pt"
+    modules = {"net": net, "ema": ema}
+    step, extra = checkpoint.load(ckpt, modules, opt)
+    rng = random.Random(args.seed + step)  # a fresh stream after a resume, still seeded
+    print(f"{args.out.name}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M trained params, "
+          f"from step {step}", flush=True)
+    log = open(args.out / "log.jsonl", "a")
+    started, last_save = time.time(), time.time()
+    elapsed = lambda: extra.get("elapsed_s", 0.0) + time.time() - started  # noqa: E731
+    net.train()
+    while step < args.steps and time.time() - started < args.minutes * 60:
+        lr = args.lr * min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = loss_on_batch(rng)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), net.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        if step % 50 == 0:
+            record = {"step": step, "loss": round(loss.item(), 5), "lr": lr, "elapsed_s": round(elapsed(), 1)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(record, flush=True)
+        if step in args.snapshot_steps:
+            checkpoint.save(args.out / f"snapshot-{step}.pt", step, modules, opt, {"elapsed_s": elapsed()})
+        if time.time() - last_save > 300:
+            checkpoint.save(ckpt, step, modules, opt, {"elapsed_s": elapsed()})
+            last_save = time.time()
+    checkpoint.save(ckpt, step, modules, opt, {"elapsed_s": elapsed()})
+    print(f"stopped at step {step}", flush=True)
+
+
+def load_ema(args, net: torch.nn.Module) -> tuple[torch.nn.Module, int, dict]:
+    """The EMA weights of the last checkpoint (or of snapshot `args.export_step`)."""
+    ema = copy.deepcopy(net)
+    name = f"snapshot-{args.export_step}.pt" if args.export_step else "checkpoint.pt"
+    step, extra = checkpoint.load(args.out / name, {"net": net, "ema": ema}, torch.optim.AdamW(net.parameters()))
+    return ema, step, extra

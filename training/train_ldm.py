@@ -1,0 +1,117 @@
+"""Train shapes-ldm: an LDM UNet with cross-attention and a jointly trained CLIP-architecture
+text encoder (LDM's tau_theta; Rombach et al. 2022, sec. 3.3), eps-prediction on the DDPM
+linear beta schedule, caption dropout for classifier-free guidance.
+
+    python -m training.train_ldm --vae models/shapes-vae --out runs/shapes-ldm --minutes 60
+    python -m training.train_ldm --vae models/shapes-vae --out runs/shapes-ldm --export models/shapes-ldm
+
+Served with DDIM (the SD-1.x scheduler layout); loads in diffusers' StableDiffusionPipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from engines.conditioning import encode_ldm
+from engines.schedules import vp_alphas_cumprod
+from training.latents import load_or_build
+from training.loop import fit, load_ema
+from training.vocab import build_tokenizer
+
+TEXT_LENGTH = 32
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+
+
+def build(args):
+    tokenizer = build_tokenizer(TEXT_LENGTH)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=args.text_width, intermediate_size=4 * args.text_width,
+        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=TEXT_LENGTH,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    w = args.width
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(w, 2 * w, 2 * w), layers_per_block=1,
+        cross_attention_dim=args.text_width, attention_head_dim=max(1, w // 8),
+        norm_num_groups=max(1, min(32, w // 4)),
+    )
+    return tokenizer, torch.nn.ModuleDict({"text_encoder": text_encoder, "unet": unet})
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer, net = build(args)
+    bank = load_or_build(args.out / "bank.pt", args.vae, args.bank)
+    latents, captions = bank["latents"].float(), bank["captions"]
+    alphas_cumprod = vp_alphas_cumprod(SCHEDULE)
+
+    def loss_on_batch(rng: random.Random) -> torch.Tensor:
+        idx = [rng.randrange(len(captions)) for _ in range(args.batch)]
+        texts = [captions[i] if rng.random() >= args.drop else "" for i in idx]
+        cond = encode_ldm(tokenizer, net["text_encoder"], texts)
+        x0 = latents[idx]
+        t = torch.randint(0, len(alphas_cumprod), (args.batch,))
+        eps = torch.randn_like(x0)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        pred = net["unet"](x_t, t, encoder_hidden_states=cond.embeds).sample
+        return torch.nn.functional.mse_loss(pred, eps)
+
+    fit(args, net, loss_on_batch)
+
+
+def export(args) -> None:
+    tokenizer, net = build(args)
+    ema, step, extra = load_ema(args, net)
+    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing="leading", prediction_type="epsilon")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(args.vae, use_safetensors=True), text_encoder=ema["text_encoder"],
+        tokenizer=tokenizer, unet=ema["unet"], scheduler=scheduler, safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(args.export, safe_serialization=True)
+    (args.export / "training.json").write_text(json.dumps({
+        "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "batch": args.batch,
+        "lr": args.lr, "width": args.width, "text_width": args.text_width,
+    }, indent=2))
+    print(f"exported step {step} to {args.export}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vae", type=Path, default=Path("models/shapes-vae"))
+    parser.add_argument("--out", type=Path, default=Path("runs/shapes-ldm"))
+    parser.add_argument("--export", type=Path)
+    parser.add_argument("--export-step", type=int)
+    parser.add_argument("--steps", type=int, default=10000)
+    parser.add_argument("--minutes", type=float, default=60)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--drop", type=float, default=0.1)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--text-width", type=int, default=64)
+    parser.add_argument("--bank", type=int, default=40000)
+    parser.add_argument("--snapshot-steps", type=int, nargs="*", default=[])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    args.snapshot_steps = set(args.snapshot_steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    export(args) if args.export else train(args)
+
+
+if __name__ == "__main__":
+    main()
