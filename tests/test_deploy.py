@@ -118,3 +118,22 @@ def test_grafana_provisioning_points_at_the_dashboard_and_prometheus():
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     mounts = compose["services"]["grafana"]["volumes"]
     assert "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
+
+
+def test_kubernetes_manifests_are_complete_and_use_real_settings():
+    from service.config import Settings
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "latentserve.yaml").read_text()) if d]
+    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    assert {("StatefulSet", "latentserve-redis"), ("Deployment", "latentserve-api"),
+            ("Deployment", "latentserve-worker"), ("ConfigMap", "latentserve")} <= kinds
+    known = {f"LATENTSERVE_{name.upper()}" for name in Settings.__dataclass_fields__}
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert set(config["data"]) <= known, set(config["data"]) - known
+    for d in docs:
+        if d["kind"] in ("Deployment", "StatefulSet"):
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            assert d["spec"]["selector"]["matchLabels"].items() <= labels.items()
+            for container in d["spec"]["template"]["spec"]["containers"]:
+                for env in container.get("env", []):
+                    assert env["name"] in known

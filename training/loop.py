@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import random
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -30,8 +32,9 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
     log = open(args.out / "log.jsonl", "a")
     started, last_save = time.time(), time.time()
     elapsed = lambda: extra.get("elapsed_s", 0.0) + time.time() - started  # noqa: E731
+    stop = stop_on_signal()
     net.train()
-    while step < args.steps and time.time() - started < args.minutes * 60:
+    while step < args.steps and time.time() - started < args.minutes * 60 and not stop.is_set():
         lr = args.lr * min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -57,6 +60,14 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
             last_save = time.time()
     checkpoint.save(ckpt, step, modules, opt, {"elapsed_s": elapsed()})
     print(f"stopped at step {step}", flush=True)
+
+
+def stop_on_signal() -> threading.Event:
+    """SIGTERM / SIGINT end training after the current step (and its checkpoint), not mid-write."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
 
 
 def load_ema(args, net: torch.nn.Module) -> tuple[torch.nn.Module, int, dict]:

@@ -24,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL
 
 from training import checkpoint
+from training.loop import stop_on_signal
 from training.shapes import random_scene, render
 
 
@@ -84,8 +85,9 @@ def train(args) -> None:
     print(f"vae: {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params, from step {step}")
     started, last_save = time.time(), time.time()
     elapsed_before = extra.get("elapsed_s", 0.0)
+    stop = stop_on_signal()
     vae.train()
-    while step < args.steps and time.time() - started < args.minutes * 60:
+    while step < args.steps and time.time() - started < args.minutes * 60 and not stop.is_set():
         lr = args.lr * 0.5 * (1 + math.cos(math.pi * min(step / args.steps, 1.0)))
         for group in opt.param_groups:
             group["lr"] = max(lr, args.lr * 0.05)
