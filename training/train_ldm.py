@@ -107,7 +107,10 @@ def main() -> None:
     parser.add_argument("--bank", type=int, default=40000)
     parser.add_argument("--snapshot-steps", type=int, nargs="*", default=[])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.snapshot_steps = set(args.snapshot_steps)
     args.out.mkdir(parents=True, exist_ok=True)
     export(args) if args.export else train(args)

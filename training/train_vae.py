@@ -149,8 +149,11 @@ def main() -> None:
     parser.add_argument("--kl-weight", type=float, default=1e-4)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     export(args) if args.export else train(args)
 
