@@ -3,12 +3,14 @@ checkpoints and snapshots, stopping at a step count or a wall-clock budget."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import random
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -76,3 +78,34 @@ def load_ema(args, net: torch.nn.Module) -> tuple[torch.nn.Module, int, dict]:
     name = f"snapshot-{args.export_step}.pt" if args.export_step else "checkpoint.pt"
     step, extra = checkpoint.load(args.out / name, {"net": net, "ema": ema}, torch.optim.AdamW(net.parameters()))
     return ema, step, extra
+
+
+def denoiser_args(description: str, name: str, *, steps: int, lr: float,
+                  snapshot_steps: list[int]) -> argparse.ArgumentParser:
+    """The command line both denoiser trainers share; each adds its architecture flags."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--vae", type=Path, default=Path("models/shapes-vae"))
+    parser.add_argument("--out", type=Path, default=Path("runs") / name)
+    parser.add_argument("--export", type=Path, help="write the trained model here (diffusers layout) and exit")
+    parser.add_argument("--export-step", type=int, help="export this snapshot instead of the last step")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--minutes", type=float, default=60)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--drop", type=float, default=0.1, help="caption dropout (for CFG)")
+    parser.add_argument("--text-width", type=int, default=64)
+    parser.add_argument("--bank", type=int, default=40000, help="(latent, caption) pairs to train on")
+    parser.add_argument("--snapshot-steps", type=int, nargs="*", default=snapshot_steps)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.snapshot_steps = set(args.snapshot_steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args

@@ -10,10 +10,8 @@ Served with DDIM (the SD-1.x scheduler layout); loads in diffusers' StableDiffus
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -22,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 from engines.conditioning import encode_ldm
 from engines.schedules import vp_alphas_cumprod
 from training.latents import load_or_build
-from training.loop import fit, load_ema
+from training.loop import denoiser_args, fit, load_ema, parse
 from training.vocab import build_tokenizer
 
 TEXT_LENGTH = 32
@@ -91,28 +89,9 @@ def export(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae", type=Path, default=Path("models/shapes-vae"))
-    parser.add_argument("--out", type=Path, default=Path("runs/shapes-ldm"))
-    parser.add_argument("--export", type=Path)
-    parser.add_argument("--export-step", type=int)
-    parser.add_argument("--steps", type=int, default=10000)
-    parser.add_argument("--minutes", type=float, default=60)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--drop", type=float, default=0.1)
+    parser = denoiser_args(__doc__.splitlines()[0], "shapes-ldm", steps=10000, lr=3e-4, snapshot_steps=[])
     parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--text-width", type=int, default=64)
-    parser.add_argument("--bank", type=int, default=40000)
-    parser.add_argument("--snapshot-steps", type=int, nargs="*", default=[])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.snapshot_steps = set(args.snapshot_steps)
-    args.out.mkdir(parents=True, exist_ok=True)
+    args = parse(parser)
     export(args) if args.export else train(args)
 
 

@@ -13,10 +13,8 @@ T5 slot is left empty (max_sequence_length=0). Weights are exported from an EMA.
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -24,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from engines.conditioning import encode_mmdit
 from training.latents import load_or_build
-from training.loop import fit, load_ema
+from training.loop import denoiser_args, fit, load_ema, parse
 from training.vocab import build_tokenizer
 
 TEXT_LENGTH = 32
@@ -97,30 +95,11 @@ def export(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae", type=Path, default=Path("models/shapes-vae"))
-    parser.add_argument("--out", type=Path, default=Path("runs/shapes-mmdit"))
-    parser.add_argument("--export", type=Path)
-    parser.add_argument("--export-step", type=int, help="export this snapshot instead of the last step")
-    parser.add_argument("--steps", type=int, default=12000)
-    parser.add_argument("--minutes", type=float, default=60)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--ema", type=float, default=0.999)
-    parser.add_argument("--drop", type=float, default=0.1, help="caption dropout (for CFG)")
+    parser = denoiser_args(__doc__.splitlines()[0], "shapes-mmdit", steps=12000, lr=5e-4, snapshot_steps=[2000])
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--text-width", type=int, default=64)
-    parser.add_argument("--bank", type=int, default=40000)
-    parser.add_argument("--shift", type=float, default=1.0)
-    parser.add_argument("--snapshot-steps", type=int, nargs="*", default=[2000])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.snapshot_steps = set(args.snapshot_steps)
-    args.out.mkdir(parents=True, exist_ok=True)
+    parser.add_argument("--shift", type=float, default=1.0, help="the exported scheduler's time shift")
+    args = parse(parser)
     export(args) if args.export else train(args)
 
 
