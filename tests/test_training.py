@@ -64,6 +64,17 @@ def test_vae_trainer_smoke(tmp_path):
     out = vae(torch.zeros(1, 3, 64, 64)).sample
     assert out.shape == (1, 3, 64, 64)
 
+    # Decoder fine-tuning keeps the encoder, so the latent space (and scaling) stay the same.
+    tuned = ["-m", "training.train_vae", "--out", str(tmp_path / "dec"), "--width", "16", "--batch", "4",
+             "--init", str(tmp_path / "run" / "checkpoint.pt"), "--decoder-only"]
+    run(*tuned, "--steps", "2")
+    run(*tuned, "--export", str(tmp_path / "vae-dec"))
+    dec = AutoencoderKL.from_pretrained(tmp_path / "vae-dec", use_safetensors=True)
+    for a, b in zip(vae.encoder.parameters(), dec.encoder.parameters()):
+        assert torch.equal(a, b)
+    assert dec.config.scaling_factor == vae.config.scaling_factor
+    assert any(not torch.equal(a, b) for a, b in zip(vae.decoder.parameters(), dec.decoder.parameters()))
+
 
 def test_mmdit_trainer_smoke_exports_a_model_diffusers_and_our_engine_both_run(tmp_path):
     common = ["-m", "training.train_mmdit", "--vae", str(ROOT / "models" / "tiny-mmdit" / "vae"),

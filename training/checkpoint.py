@@ -28,13 +28,16 @@ def save(path: Path, step: int, modules: dict, optimizer, extra: dict | None = N
     os.replace(tmp, path)
 
 
-def load(path: Path, modules: dict, optimizer) -> tuple[int, dict]:
-    """Restore into modules and optimizer; returns (step, extra). (0, {}) if no checkpoint."""
+def load(path: Path, modules: dict, optimizer=None) -> tuple[int, dict]:
+    """Restore into modules (and the optimizer, if given); returns (step, extra). (0, {}) if
+    there is no checkpoint."""
     if not path.exists():
         return 0, {}
     state = torch.load(path, weights_only=False)
     for name, module in modules.items():
         module.load_state_dict(state["modules"][name])
+    if optimizer is None:
+        return state["step"], state["extra"]
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])

@@ -76,7 +76,7 @@ def load_ema(args, net: torch.nn.Module) -> tuple[torch.nn.Module, int, dict]:
     """The EMA weights of the last checkpoint (or of snapshot `args.export_step`)."""
     ema = copy.deepcopy(net)
     name = f"snapshot-{args.export_step}.pt" if args.export_step else "checkpoint.pt"
-    step, extra = checkpoint.load(args.out / name, {"net": net, "ema": ema}, torch.optim.AdamW(net.parameters()))
+    step, extra = checkpoint.load(args.out / name, {"net": net, "ema": ema})
     return ema, step, extra
 
 

@@ -6,8 +6,9 @@ size and position, read from pixels alone.
   goes from the background towards the object color, so anti-aliased edges count partly),
   split into connected components (scipy.ndimage);
 - color: nearest palette color in CIE Lab (so pink and red part) of the object's core pixels;
-- shape: from solidity (area / convex-hull area: a star is far from convex) and fill (area /
-  bounding box: square 1, circle pi/4, triangle 1/2);
+- shape: the shape whose template, drawn by the renderer itself at the object's centroid and
+  at the scale its area implies, overlaps the object's alpha best (soft IoU, over a few
+  sub-pixel shifts and scales), so slightly blurred corners don't turn a square into a circle;
 - size: the radius the area implies for that shape, against the midpoint of the two sizes;
 - position: the nearest anchor to the alpha-weighted centroid.
 """
@@ -17,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageDraw
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
-from training.shapes import ANCHORS, COLORS, NEUTRALS, RADIUS, Obj
+from training.shapes import ANCHORS, COLORS, NEUTRALS, RADIUS, Obj, draw_shape as _draw_shape
 
 _NAMES = list(COLORS) + list(NEUTRALS)
 
@@ -41,6 +42,8 @@ _OBJECT_LAB = _PALETTE_LAB[: len(COLORS)]
 _AREA_PER_R2 = {"circle": np.pi, "square": (2 * 0.85) ** 2, "triangle": 0.5 * 2 * 1.1 * 0.95 * 1.1 * 1.75,
                 "star": 5 * 0.45 * np.sin(np.pi / 5) * 1.15**2}
 _SIZE_SPLIT = float(np.sqrt(RADIUS["small"] * RADIUS["large"]))
+# How far below its drawing centre each shape's centroid lies, in units of its radius.
+_CENTROID_DY = {"circle": 0.0, "square": 0.0, "triangle": 1.1 * (-1 + 0.75 + 0.75) / 3, "star": 0.0}
 
 
 def nearest_color(lab: np.ndarray, palette: np.ndarray, names: list[str]) -> str:
@@ -53,26 +56,31 @@ class Detection:
     objects: tuple[Obj, ...]
 
 
-def _classify_shape(alpha: np.ndarray) -> str:
-    core = alpha > 0.5
-    ys, xs = np.nonzero(core)
+def _template(shape: str, cx: float, cy: float, r: float, side: int) -> np.ndarray:
+    """The renderer's own drawing of `shape`, centroid at (cx, cy) px, as alpha in [0, 1]."""
+    scale = 4
+    image = Image.new("L", (side * scale, side * scale), 0)
+    # Draw in the renderer's colors-free form: any object color, then keep coverage only.
+    draw = ImageDraw.Draw(image)
+    dy = _CENTROID_DY[shape] * r
+    _draw_shape(draw, shape, cx * scale, (cy - dy) * scale, r * scale)
+    return np.asarray(image.resize((side, side), Image.Resampling.BOX), dtype=np.float64) / 255
+
+
+def _classify_shape(alpha: np.ndarray, cx: float, cy: float) -> tuple[str, float]:
+    """(best shape, its radius in px) by soft IoU against rendered templates."""
+    side = alpha.shape[0]
     area = float(alpha.sum())
-    height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-    fill = area / (height * width)
-    # Hull of the pixel squares' corners, so a pixelated convex shape stays convex.
-    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
-    try:
-        hull_area = ConvexHull(corners).volume
-    except QhullError:
-        return "square"
-    solidity = area / hull_area
-    if solidity < 0.75:
-        return "star"
-    if fill > 0.88:
-        return "square"
-    if fill > 0.64:
-        return "circle"
-    return "triangle"
+    best = ("circle", 0.0, -1.0)
+    for shape in _AREA_PER_R2:
+        r0 = np.sqrt(area / _AREA_PER_R2[shape])
+        for k in (0.94, 1.0, 1.06):
+            for ox, oy in ((0, 0), (-0.4, 0), (0.4, 0), (0, -0.4), (0, 0.4)):
+                t = _template(shape, cx + ox, cy + oy, r0 * k, side)
+                iou = np.minimum(alpha, t).sum() / max(np.maximum(alpha, t).sum(), 1e-9)
+                if iou > best[2]:
+                    best = (shape, r0 * k, iou)
+    return best[0], best[1]
 
 
 def score_image(image: np.ndarray, max_objects: int = 2) -> Detection:
@@ -103,12 +111,11 @@ def score_image(image: np.ndarray, max_objects: int = 2) -> Detection:
         direction = obj_lab - bg_lab
         alpha = ((lab - bg_lab) @ direction) / max(float(direction @ direction), 1e-6)
         alpha = np.clip(alpha, 0, 1) * ndimage.binary_dilation(mask)
-        shape = _classify_shape(alpha)
-        radius = np.sqrt(alpha.sum() / _AREA_PER_R2[shape]) / side
-        size = "small" if radius < _SIZE_SPLIT else "large"
         ys, xs = np.mgrid[0:side, 0:side]
-        cy, cx = (alpha * ys).sum() / alpha.sum(), (alpha * xs).sum() / alpha.sum()
-        cx, cy = (cx + 0.5) / side, (cy + 0.5) / side
+        cy, cx = (alpha * ys).sum() / alpha.sum() + 0.5, (alpha * xs).sum() / alpha.sum() + 0.5
+        shape, radius = _classify_shape(alpha, cx, cy)
+        size = "small" if radius / side < _SIZE_SPLIT else "large"
+        cx, cy = cx / side, cy / side
         position = min(ANCHORS, key=lambda p: (ANCHORS[p][0] - cx) ** 2 + (ANCHORS[p][1] - cy) ** 2)
         objects.append(Obj(shape, color, size, position))
     return Detection(background, tuple(objects))

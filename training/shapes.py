@@ -78,14 +78,15 @@ def _star(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return points
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: Obj, cx: float, cy: float, r: float) -> None:
-    fill = COLORS[obj.color]
-    if obj.shape == "circle":
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
+               fill=255) -> None:
+    """Draw one shape centred at (cx, cy) with radius r (pixels of `draw`'s canvas)."""
+    if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif obj.shape == "square":
+    elif shape == "square":
         s = r * 0.85  # similar area to the circle
         draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
-    elif obj.shape == "triangle":
+    elif shape == "triangle":
         h = r * 1.1
         draw.polygon([(cx, cy - h), (cx + h * 0.95, cy + h * 0.75), (cx - h * 0.95, cy + h * 0.75)], fill=fill)
     else:
@@ -103,7 +104,7 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> np
         if rng is not None:
             fx += rng.uniform(-JITTER, JITTER)
             fy += rng.uniform(-JITTER, JITTER)
-        _draw(draw, obj, fx * side, fy * side, RADIUS[obj.size] * side)
+        draw_shape(draw, obj.shape, fx * side, fy * side, RADIUS[obj.size] * side, COLORS[obj.color])
     return np.asarray(image.resize((size, size), Image.Resampling.BOX))
 
 
