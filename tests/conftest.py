@@ -83,7 +83,7 @@ def model_entry(model_id: str, path: Path, family: str, **overrides) -> dict:
         "max_batch": 8,
     }
     for key, value in overrides.items():
-        entry[key] = {**entry[key], **value} if isinstance(value, dict) else value
+        entry[key] = {**entry.get(key, {}), **value} if isinstance(value, dict) else value
     return entry
 
 
@@ -91,13 +91,15 @@ def model_entry(model_id: str, path: Path, family: str, **overrides) -> dict:
 def registry_path(tmp_path_factory) -> Path:
     """The shipped tiny models under several ids, each id its own stream:
     tiny-mmdit / tiny-ldm (served by the shared worker), slow-ldm (served only by workers a
-    test starts itself) and limited (never served, max_queue 2)."""
+    test starts itself), limited (never served, max_queue 2) and the shipped shapes-mmdit."""
     path = tmp_path_factory.mktemp("registry") / "registry.json"
     models = [
         model_entry("tiny-mmdit", MODELS / "tiny-mmdit", "mmdit"),
         model_entry("tiny-ldm", MODELS / "tiny-ldm", "ldm"),
         model_entry("slow-ldm", MODELS / "tiny-ldm", "ldm"),
         model_entry("limited", MODELS / "tiny-mmdit", "mmdit", limits={"max_queue": 2}),
+        model_entry("shapes-mmdit", MODELS / "shapes-mmdit", "mmdit", max_batch=16,
+                    options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
     ]
     path.write_text(json.dumps({"default": "tiny-mmdit", "models": models}))
     return path

@@ -85,6 +85,9 @@ def test_mmdit_trainer_smoke_exports_a_model_diffusers_and_our_engine_both_run(t
     run(*common, "--export", str(tmp_path / "model"))
     training = json.loads((tmp_path / "model" / "training.json").read_text())
     assert training["step"] == 4 and training["t5_sequence_length"] == 0
+    # A later session continues from the shipped weights.
+    later = [a if a != str(tmp_path / "run") else str(tmp_path / "run2") for a in common]
+    assert "initialised from" in run(*later, "--steps", "1", "--init-model", str(tmp_path / "model"))
 
     from diffusers import StableDiffusion3Pipeline
 

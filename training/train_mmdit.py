@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
@@ -64,6 +65,8 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer, net = build(args)
+    if args.init_model and not (args.out / "checkpoint.pt").exists():
+        init_from_model(net, args.init_model)
     bank = load_or_build(args.out / "bank.pt", args.vae, args.bank)
     latents, captions = bank["latents"].float(), bank["captions"]
 
@@ -75,10 +78,21 @@ def train(args) -> None:
     fit(args, net, loss_on_batch)
 
 
+def init_from_model(net: torch.nn.ModuleDict, model_dir: Path) -> None:
+    """Start from a shipped model's (EMA) weights: how a run continues in a later session,
+    since checkpoints (with optimizer state) are too large to keep in git."""
+    net["transformer"].load_state_dict(SD3Transformer2DModel.from_pretrained(model_dir / "transformer").state_dict())
+    for i, sub in enumerate(("text_encoder", "text_encoder_2")):
+        net["encoders"][i].load_state_dict(CLIPTextModelWithProjection.from_pretrained(model_dir / sub).state_dict())
+    print(f"initialised from {model_dir}", flush=True)
+
+
 def export(args) -> None:
     tokenizer, net = build(args)
     ema, step, extra = load_ema(args, net)
     vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True)
+    if args.half:  # stored in fp16 to keep the repo small; loaders upcast to the serving dtype
+        ema.half()
     pipe = StableDiffusion3Pipeline(
         transformer=ema["transformer"], scheduler=FlowMatchEulerDiscreteScheduler(shift=args.shift),
         vae=vae, text_encoder=ema["encoders"][0], tokenizer=tokenizer,
@@ -99,6 +113,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=5)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--shift", type=float, default=1.0, help="the exported scheduler's time shift")
+    parser.add_argument("--half", action="store_true", help="export the transformer and text encoders in fp16")
+    parser.add_argument("--init-model", type=Path, help="start from a shipped model's weights (no checkpoint yet)")
     args = parse(parser)
     export(args) if args.export else train(args)
 
