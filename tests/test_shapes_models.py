@@ -25,15 +25,20 @@ def test_scorer_reads_shapes_vae_reconstructions_at_least_99_percent():
     assert min(result["vae_reconstruction"].values()) >= 0.99, result
 
 
-def test_shapes_mmdit_generates_in_the_sd3_pipeline():
+@pytest.mark.parametrize("model_id", ["shapes-mmdit", "shapes-mmdit-guide"])
+def test_shapes_mmdit_generates_in_the_sd3_pipeline(model_id):
     from diffusers import StableDiffusion3Pipeline
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(MODELS / "shapes-mmdit", text_encoder_3=None, tokenizer_3=None)
+    pipe = StableDiffusion3Pipeline.from_pretrained(MODELS / model_id, text_encoder_3=None, tokenizer_3=None,
+                                                    dtype=__import__("torch").float32)
     image = pipe("a large red circle in the center on a white background", num_inference_steps=20,
                  guidance_scale=4.0, height=64, width=64, max_sequence_length=0, output_type="np",
                  generator=__import__("torch").Generator().manual_seed(0)).images[0]
-    det = score_image((image * 255).round().astype(np.uint8))
-    assert det.background == "white" and det.objects and det.objects[0].color == "red"
+    pixels = (image * 255).round().astype(np.uint8)
+    assert pixels.std() > 10  # a scene, not a flat or empty image
+    if model_id == "shapes-mmdit":  # the guide is deliberately undertrained: only the main model must be right
+        det = score_image(pixels)
+        assert det.background == "white" and det.objects and det.objects[0].color == "red"
 
 
 def test_service_draws_the_prompted_colors(api, start_worker):
