@@ -59,8 +59,7 @@ class Detection:
 def _template(shape: str, cx: float, cy: float, r: float, side: int) -> np.ndarray:
     """The renderer's own drawing of `shape`, centroid at (cx, cy) px, as alpha in [0, 1]."""
     scale = 4
-    image = Image.new("L", (side * scale, side * scale), 0)
-    # Draw in the renderer's colors-free form: any object color, then keep coverage only.
+    image = Image.new("L", (side * scale, side * scale), 0)  # coverage only, no colors
     draw = ImageDraw.Draw(image)
     dy = _CENTROID_DY[shape] * r
     _draw_shape(draw, shape, cx * scale, (cy - dy) * scale, r * scale)
@@ -98,6 +97,7 @@ def score_image(image: np.ndarray, max_objects: int = 2) -> Detection:
         return Detection(background, ())
     sizes = ndimage.sum_labels(np.ones_like(distance), labels, index=np.arange(1, count + 1))
     order = np.argsort(-sizes)
+    ys, xs = np.mgrid[0:side, 0:side]
     objects = []
     for index in order[:max_objects]:
         if sizes[index] < 0.004 * side * side:  # specks are not objects
@@ -111,7 +111,6 @@ def score_image(image: np.ndarray, max_objects: int = 2) -> Detection:
         direction = obj_lab - bg_lab
         alpha = ((lab - bg_lab) @ direction) / max(float(direction @ direction), 1e-6)
         alpha = np.clip(alpha, 0, 1) * ndimage.binary_dilation(mask)
-        ys, xs = np.mgrid[0:side, 0:side]
         cy, cx = (alpha * ys).sum() / alpha.sum() + 0.5, (alpha * xs).sum() / alpha.sum() + 0.5
         shape, radius = _classify_shape(alpha, cx, cy)
         size = "small" if radius / side < _SIZE_SPLIT else "large"

@@ -83,8 +83,7 @@ def train(args) -> None:
     vae = build_vae(args.width)
     trained = vae.parameters()
     if args.init:
-        state = torch.load(args.init, weights_only=False)  # our own checkpoint file
-        vae.load_state_dict(state["modules"]["vae"])
+        checkpoint.load(args.init, {"vae": vae})  # weights only: a fresh optimizer and step
     if args.decoder_only:
         vae.encoder.requires_grad_(False)
         vae.quant_conv.requires_grad_(False)
