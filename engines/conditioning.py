@@ -4,7 +4,8 @@ The same computation as diffusers' StableDiffusionPipeline.encode_prompt (CLIP l
 state) and StableDiffusion3Pipeline.encode_prompt (two CLIPs' penultimate hidden states side
 by side, padded to the joint width, then the T5 slot as zeros when there is no T5; pooled
 embeddings concatenated). Written out here so it runs on any backend's text encoder and once
-per batch; the oracle test holds it to the pipelines' output. No inference_mode here: the
+per batch; the oracle test holds it to the pipelines' output. Text encoders come in as
+component engines (engines.components), named tensors in and out. No inference_mode here: the
 trainers backpropagate through the same code (tasks run it under inference_mode).
 """
 
@@ -27,7 +28,7 @@ class Conditioning:
         return Conditioning(torch.cat([p.embeds for p in parts]), pooled)
 
 
-def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
+def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     return tokenizer(
         prompts,
         padding="max_length",
@@ -38,18 +39,19 @@ def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 def encode_ldm(tokenizer, text_encoder, prompts: list[str]) -> Conditioning:
-    ids = _token_ids(tokenizer, prompts).to(text_encoder.device)
-    return Conditioning(text_encoder(ids)[0])
+    """text_encoder: a `text_encoder` component engine (input_ids -> hidden_states)."""
+    return Conditioning(text_encoder(input_ids=token_ids(tokenizer, prompts))["hidden_states"])
 
 
 def encode_mmdit(
     tokenizers, text_encoders, prompts: list[str], joint_dim: int, t5_tokens: int
 ) -> Conditioning:
+    """text_encoders: component engines (input_ids -> penultimate hidden_states, pooled)."""
     hidden, pooled = [], []
     for tokenizer, encoder in zip(tokenizers, text_encoders):
-        out = encoder(_token_ids(tokenizer, prompts).to(encoder.device), output_hidden_states=True)
-        pooled.append(out[0])
-        hidden.append(out.hidden_states[-2])
+        out = encoder(input_ids=token_ids(tokenizer, prompts))
+        pooled.append(out["pooled"])
+        hidden.append(out["hidden_states"])
     clip = torch.cat(hidden, dim=-1)
     clip = F.pad(clip, (0, joint_dim - clip.shape[-1]))
     t5_slot = clip.new_zeros(clip.shape[0], t5_tokens, joint_dim)

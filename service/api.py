@@ -230,12 +230,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         out = []
         for spec in registry.models.values():
             workers = await queue(request).live_workers(spec.id, settings.heartbeat_ttl_s)
+            active = await queue(request).live_engines(spec.id, settings.heartbeat_ttl_s)
             out.append({
                 "id": spec.id, "family": spec.family, "description": spec.description,
                 "default": spec.id == registry.default, "tasks": list(spec.tasks),
                 "samplers": list(spec.samplers), "defaults": vars(spec.defaults),
                 "limits": {**vars(spec.limits), "max_images": 8},
+                # The registry's choice, and what live workers actually run (env overrides, auto).
                 "engine": spec.engine, "precision": spec.precision, "live_workers": workers,
+                "active_engines": active,
             })
         return {"default": registry.default, "models": out}
 

@@ -31,6 +31,12 @@ class Settings:
     heartbeat_ttl_s: float = 10.0  # a worker silent this long is not live
     torch_threads: int = 0  # 0: torch's default
     device: str = "cpu"
+    # Engine and precision for every model this worker serves (empty: each model's registry
+    # value). engine: torch | onnxruntime | tensorrt | auto; precision: fp32 | bf16 | fp16.
+    engine: str = ""
+    precision: str = ""
+    engine_cache: str = ""  # engine cache directory (empty: ~/.cache/latentserve/engines)
+    cuda_graphs: int = 1  # torch on CUDA: replay CUDA graphs per batch bucket (0: eager)
     log_level: str = "info"
 
     @property

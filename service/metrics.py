@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 
+from engines.cache import CacheEvent
+
 disable_created_metrics()  # the *_created series only add noise to dashboards
 
 SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60, 120, 300, 600)
@@ -60,6 +62,15 @@ class WorkerExporter:
                               labels, buckets=STEP_BUCKETS, registry=registry)
         self.busy = Gauge("latentserve_worker_busy", "1 while the worker runs a batch",
                           registry=registry)
+        cache_labels = ["model", "component", "kind"]
+        self.cache_hits = Counter("latentserve_engine_cache_hits_total", "Engine artefacts found in the cache",
+                                  cache_labels, registry=registry)
+        self.cache_misses = Counter("latentserve_engine_cache_misses_total", "Engine artefacts built (not cached)",
+                                    cache_labels, registry=registry)
+        self.build_seconds = Counter("latentserve_engine_build_seconds_total", "Seconds spent building engine artefacts",
+                                     cache_labels, registry=registry)
+        self.engine_info = Gauge("latentserve_engine_info", "1 for the engine and precision serving each model",
+                                 ["model", "engine", "precision", "device"], registry=registry)
 
     def job(self, rec: JobRecord) -> None:
         self.jobs.labels(rec.model, rec.task, rec.status).inc()
@@ -72,6 +83,11 @@ class WorkerExporter:
         if rec.inference_s is not None:
             self.inference.labels(rec.model, rec.task).observe(rec.inference_s)
         self.end_to_end.labels(rec.model, rec.task).observe(rec.end_to_end_s)
+
+    def engine_lookup(self, rec: CacheEvent) -> None:
+        labels = (rec.model, rec.component, rec.kind)
+        (self.cache_hits if rec.hit else self.cache_misses).labels(*labels).inc()
+        self.build_seconds.labels(*labels).inc(rec.build_s)
 
     def batch(self, rec: BatchRecord) -> None:
         self.batch_size.labels(rec.model, rec.task).observe(rec.images)

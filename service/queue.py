@@ -49,6 +49,10 @@ class Keys:
     def workers(model: str) -> str:
         return f"{PREFIX}:workers:{model}"  # zset: worker id -> last heartbeat (unix s)
 
+    @staticmethod
+    def engines(model: str) -> str:
+        return f"{PREFIX}:engines:{model}"  # hash: worker id -> JSON {engine, precision, device}
+
     DEAD = f"{PREFIX}:dead"  # stream of dead-lettered jobs, for operators
 
 
@@ -259,6 +263,18 @@ class ApiQueue:
     async def live_workers(self, model: str, ttl_s: float) -> int:
         return await self.r.zcount(Keys.workers(model), time.time() - ttl_s, "+inf")
 
+    async def live_engines(self, model: str, ttl_s: float) -> list[dict]:
+        """What the live workers of a model run: [{engine, precision, device, workers}]."""
+        live = await self.r.zrangebyscore(Keys.workers(model), time.time() - ttl_s, "+inf")
+        if not live:
+            return []
+        counts: dict[str, int] = {}
+        for raw in await self.r.hmget(Keys.engines(model), live):
+            if raw:
+                raw = raw.decode() if isinstance(raw, bytes) else raw
+                counts[raw] = counts.get(raw, 0) + 1
+        return [{**json.loads(k), "workers": n} for k, n in sorted(counts.items())]
+
     def subscribe(self, job_id: str):
         """A pub/sub handle already subscribed to the job's events (use as async context)."""
         return _Subscription(self.r, Keys.events(job_id))
@@ -421,17 +437,22 @@ class WorkerQueue:
     def dead_letter(self, job: Job, reason: str) -> None:
         self.r.xadd(Keys.DEAD, {"job": job.id, "model": job.model, "reason": reason}, maxlen=10000)
 
-    def heartbeat(self, models: list[str], ttl_s: float) -> None:
+    def heartbeat(self, models: list[str], ttl_s: float, engines: dict[str, dict] | None = None) -> None:
+        """Mark this worker live for each model; `engines` (model -> what it runs) is published
+        beside it so the API can show which engine serves each model."""
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
         for model in models:
             pipe.zadd(Keys.workers(model), {self.worker_id: now})
             pipe.zremrangebyscore(Keys.workers(model), "-inf", now - 10 * ttl_s)
+            if engines and model in engines:
+                pipe.hset(Keys.engines(model), self.worker_id, json.dumps(engines[model], sort_keys=True))
         pipe.execute()
 
     def leave(self, models: list[str]) -> None:
         for model in models:
             self.r.zrem(Keys.workers(model), self.worker_id)
+            self.r.hdel(Keys.engines(model), self.worker_id)
 
     def live_workers(self, model: str, ttl_s: float) -> int:
         return self.r.zcount(Keys.workers(model), time.time() - ttl_s, "+inf")

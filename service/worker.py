@@ -18,7 +18,8 @@ import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
 
-from engines.backends import torch_backend
+from engines import loader
+from engines.cache import EngineCache
 from engines.model import LoadedModel
 from engines.registry import load_registry
 from engines.tasks import txt2img
@@ -45,6 +46,8 @@ class Worker:
         self.queue = queue
         self.exporter = exporter
         self.max_batch = settings.max_batch or max(m.spec.max_batch for m in models.values())
+        self.engines = {model_id: {"engine": m.engine, "precision": m.precision, "device": m.device}
+                        for model_id, m in models.items()}
         self.stopping = threading.Event()
         self._holding: list[Claimed] = []  # entries to keep fresh (read by the heartbeat thread)
 
@@ -106,7 +109,7 @@ class Worker:
     def _heartbeat(self) -> None:
         while not self.stopping.wait(0) or self._holding:
             try:
-                self.queue.heartbeat(list(self.models), self.settings.heartbeat_ttl_s)
+                self.queue.heartbeat(list(self.models), self.settings.heartbeat_ttl_s, self.engines)
                 if self._holding:
                     self.queue.touch(self._holding)
             except redis.RedisError as exc:
@@ -243,17 +246,24 @@ def main() -> None:
         torch.set_num_threads(settings.torch_threads)
     registry = load_registry(settings.registry)
     model_ids = settings.model_ids or [registry.default]
+    registry_metrics = CollectorRegistry()
+    exporter = WorkerExporter(registry_metrics)
+    cache = EngineCache(settings.engine_cache or None)
     models = {}
     for model_id in model_ids:
         started = time.perf_counter()
-        models[model_id] = torch_backend.load(registry.get(model_id), settings.device)
-        log.info("loaded %s in %.2fs; warm-up %.2fs", model_id, time.perf_counter() - started,
-                 warm_up(models[model_id]))
+        model = loader.load(
+            registry.get(model_id), engine=settings.engine, precision=settings.precision,
+            device=settings.device, cache=cache, on_event=exporter.engine_lookup,
+            threads=settings.torch_threads, cuda_graphs=bool(settings.cuda_graphs),
+        )
+        exporter.engine_info.labels(model_id, model.engine, model.precision, model.device).set(1)
+        models[model_id] = model
+        log.info("loaded %s on %s %s (%s) in %.2fs; warm-up %.2fs", model_id, model.engine, model.precision,
+                 model.device, time.perf_counter() - started, warm_up(model))
 
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-    registry_metrics = CollectorRegistry()
-    exporter = WorkerExporter(registry_metrics)
     server, _thread = start_http_server(settings.worker_metrics_port, registry=registry_metrics)
     log.info("metrics on :%d/metrics", server.server_port)
     worker = Worker(settings, models, WorkerQueue(client, worker_id, settings.job_ttl_s), exporter)

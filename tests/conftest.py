@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
+# Engine caches built by tests (this process and the workers it starts) never touch ~/.cache.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="latentserve-test-cache-")
 
 
 def free_port() -> int:

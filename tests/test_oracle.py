@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-from engines.backends import torch_backend
+from engines import loader
 from engines.registry import load_registry
 from engines.tasks.txt2img import ImageRequest, Txt2ImgBatch, initial_noise, run
 from service.config import ROOT
@@ -43,7 +43,7 @@ def reference_pipeline(model_id: str, sampler: str):
     ("tiny-mmdit", "flow_euler", 20),
 ])
 def test_txt2img_matches_diffusers_pipeline(model_id, sampler, steps):
-    model = torch_backend.load(REGISTRY.get(model_id))
+    model = loader.load(REGISTRY.get(model_id))
     batch = Txt2ImgBatch(width=64, height=48, sampler=sampler, steps=steps, images=IMAGES)
     ours = run(model, batch).numpy()
     noise = initial_noise(model, batch)
@@ -62,7 +62,7 @@ def test_txt2img_matches_diffusers_pipeline(model_id, sampler, steps):
 
 
 def test_guidance_changes_the_image_and_rows_do_not_leak():
-    model = torch_backend.load(REGISTRY.get("tiny-mmdit"))
+    model = loader.load(REGISTRY.get("tiny-mmdit"))
     base = ImageRequest("a red circle", "", 11, 4.0)
     one = run(model, Txt2ImgBatch(64, 64, "flow_euler", 10, [base])).numpy()[0]
     unguided = run(model, Txt2ImgBatch(64, 64, "flow_euler", 10, [ImageRequest("a red circle", "", 11, 1.0)])).numpy()[0]

@@ -96,7 +96,7 @@ def test_mmdit_trainer_smoke_exports_a_model_diffusers_and_our_engine_both_run(t
                  output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
-    from engines.backends import torch_backend
+    from engines import loader
     from engines.registry import load_registry
     from engines.tasks.txt2img import ImageRequest, Txt2ImgBatch, run as txt2img
 
@@ -105,7 +105,7 @@ def test_mmdit_trainer_smoke_exports_a_model_diffusers_and_our_engine_both_run(t
         "id": "m", "path": str(tmp_path / "model"), "family": "mmdit", "samplers": ["flow_euler"],
         "defaults": {"sampler": "flow_euler", "steps": 2, "guidance_scale": 3.0, "width": 64, "height": 64},
         "options": {"t5_sequence_length": 0}}]}))
-    model = torch_backend.load(load_registry(registry).get("m"))
+    model = loader.load(load_registry(registry).get("m"))
     ours = txt2img(model, Txt2ImgBatch(64, 64, "flow_euler", 2, [ImageRequest("a red circle", "", 1, 3.0)]))
     assert ours.shape == (1, 64, 64, 3)
 

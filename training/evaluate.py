@@ -113,10 +113,10 @@ def summarize(cases: list[Case], verdicts: list[dict]) -> dict:
 
 
 def load_model(model_id: str, registry: Path):
-    from engines.backends import torch_backend
+    from engines import loader
     from engines.registry import load_registry
 
-    return torch_backend.load(load_registry(registry).get(model_id))
+    return loader.load(load_registry(registry).get(model_id))
 
 
 def generate(model, prompts: list[str], seeds: list[int], sampler: str, steps: int, guidance: float,

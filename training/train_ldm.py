@@ -17,6 +17,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from engines.components import text_engine
 from engines.conditioning import encode_ldm
 from engines.schedules import vp_alphas_cumprod
 from training.latents import load_or_build
@@ -58,7 +59,7 @@ def train(args) -> None:
     def loss_on_batch(rng: random.Random) -> torch.Tensor:
         idx = [rng.randrange(len(captions)) for _ in range(args.batch)]
         texts = [captions[i] if rng.random() >= args.drop else "" for i in idx]
-        cond = encode_ldm(tokenizer, net["text_encoder"], texts)
+        cond = encode_ldm(tokenizer, text_engine(net["text_encoder"], pooled=False), texts)
         x0 = latents[idx]
         t = torch.randint(0, len(alphas_cumprod), (args.batch,))
         eps = torch.randn_like(x0)

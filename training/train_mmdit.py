@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
+from engines.components import text_engine
 from engines.conditioning import encode_mmdit
 from training.latents import load_or_build
 from training.loop import denoiser_args, fit, load_ema, parse
@@ -49,7 +50,8 @@ def build(args):
 
 
 def loss_fn(net, tokenizer, latents, captions, generator=None):
-    cond = encode_mmdit([tokenizer, tokenizer], list(net["encoders"]), captions,
+    encoders = [text_engine(encoder, pooled=True) for encoder in net["encoders"]]
+    cond = encode_mmdit([tokenizer, tokenizer], encoders, captions,
                         net["transformer"].config.joint_attention_dim, T5_TOKENS)
     n = latents.shape[0]
     t = torch.sigmoid(torch.randn(n, generator=generator))  # logit-normal(0, 1)

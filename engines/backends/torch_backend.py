@@ -1,4 +1,9 @@
-"""The torch backend: diffusers / transformers modules loaded offline from safetensors."""
+"""The torch backend: diffusers / transformers modules loaded offline from safetensors.
+
+fp32, bf16 or fp16 weights; on CUDA each component can be captured as CUDA graphs, one per
+static shape bucket (batch padded up to the bucket), which removes the per-kernel launch
+cost that dominates small-batch diffusion steps.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 
 import torch
 
-from engines.conditioning import Conditioning, encode_ldm, encode_mmdit
-from engines.denoisers import DiscreteVPDenoiser, FlowDenoiser
-from engines.model import LoadedModel
+from engines.backends.base import DTYPES, EngineError
+from engines.components import ComponentSpec, component_spec, wrap
+from engines.layout import ModelLayout
 from engines.registry import ModelSpec
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-
-def _load_pipeline(spec: ModelSpec, dtype: torch.dtype):
+def load_pipeline(spec: ModelSpec, dtype: torch.dtype = torch.float32):
     # diffusers pipelines are used only as loaders: they resolve each component's class from
     # model_index.json. Sampling never goes through them (their schedulers are stateful).
     from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
@@ -32,70 +35,92 @@ def _load_pipeline(spec: ModelSpec, dtype: torch.dtype):
     )
 
 
-def load(spec: ModelSpec, device: str = "cpu", precision: str | None = None) -> LoadedModel:
-    dtype = PRECISIONS[precision or spec.precision]
-    pipe = _load_pipeline(spec, dtype)
-    pipe.to(device)
-    vae = pipe.vae.eval()
-    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    scheduler_config = dict(pipe.scheduler.config)
+def check_precision(precision: str, device: str) -> None:
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise EngineError("torch fp16 is for CUDA devices; on CPU use bf16 (AMX) or fp32")
 
-    if spec.family == "ldm":
-        unet = pipe.unet.eval()
 
-        def unet_net(x, t, cond: Conditioning):
-            return unet(x, t, encoder_hidden_states=cond.embeds).sample
+class TorchEngine:
+    """A component module behind the named-tensor interface."""
 
-        denoiser = DiscreteVPDenoiser.from_scheduler_config(unet_net, scheduler_config)
-        tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder.eval()
+    kind = "torch"
 
-        def encode(prompts):
-            return encode_ldm(tokenizer, text_encoder, prompts)
+    def __init__(self, module: torch.nn.Module, spec: ComponentSpec, precision: str = "fp32",
+                 device: str = "cpu"):
+        check_precision(precision, device)
+        self.spec, self.precision, self.device = spec, precision, torch.device(device)
+        self.dtype = DTYPES[precision]
+        self.module = module.to(self.device, self.dtype).eval()
 
-        denoiser_factor = 2 ** (len(unet.config.block_out_channels) - 1)
-        latent_channels = unet.config.in_channels
-    else:
-        transformer = pipe.transformer.eval()
+    def prepare(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [inputs[t.name].to(self.device, self.dtype if t.dtype == "float" else torch.int64)
+                for t in self.spec.inputs]
 
-        def mmdit_net(x, t, cond: Conditioning):
-            return transformer(
-                hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
-                pooled_projections=cond.pooled,
-            ).sample
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        outputs = self.module(*self.prepare(inputs))
+        return {t.name: o.float() for t, o in zip(self.spec.outputs, outputs)}
 
-        denoiser = FlowDenoiser(mmdit_net, scheduler_config.get("num_train_timesteps", 1000))
-        tokenizers = [pipe.tokenizer, pipe.tokenizer_2]
-        encoders = [pipe.text_encoder.eval(), pipe.text_encoder_2.eval()]
-        joint_dim = transformer.config.joint_attention_dim
-        t5_tokens = int(spec.options.get("t5_sequence_length", 256))
 
-        def encode(prompts):
-            return encode_mmdit(tokenizers, encoders, prompts, joint_dim, t5_tokens)
+class CudaGraphEngine:
+    """A TorchEngine replayed from CUDA graphs captured per static shape bucket.
 
-        denoiser_factor = transformer.config.patch_size
-        latent_channels = transformer.config.in_channels
+    The batch is padded up to the next bucket size, so a handful of graphs cover every batch;
+    other dims must repeat exactly (each new shape captures a new graph once).
+    """
 
-    scaling = vae.config.scaling_factor
-    shift = vae.config.get("shift_factor") or 0.0
+    kind = "torch"
 
-    @torch.inference_mode()
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        return vae.decode(latents.to(dtype) / scaling + shift).sample.float()
+    def __init__(self, engine: TorchEngine, batch_buckets: tuple[int, ...]):
+        self.engine, self.spec, self.precision = engine, engine.spec, engine.precision
+        self.buckets = tuple(sorted(batch_buckets))
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], tuple]] = {}
+        self.pool = None
 
-    size_multiple = vae_factor * denoiser_factor
-    if spec.limits.size_multiple % size_multiple:
-        raise ValueError(
-            f"{spec.id}: registry size_multiple {spec.limits.size_multiple} must be a multiple "
-            f"of {size_multiple} (VAE x{vae_factor}, denoiser x{denoiser_factor})"
-        )
-    return LoadedModel(
-        spec=spec,
-        encode_prompts=encode,
-        denoiser=denoiser,
-        decode_latents=decode,
-        scheduler_config=scheduler_config,
-        latent_channels=latent_channels,
-        vae_scale_factor=vae_factor,
-        size_multiple=size_multiple,
-        dtype=dtype,
-    )
+    def _capture(self, args: list[torch.Tensor]):
+        static = [a.clone() for a in args]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):  # warm-up outside the graph (lazy inits, autotuning)
+                self.engine.module(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+            outputs = self.engine.module(*static)
+        self.pool = graph.pool()
+        return graph, static, outputs
+
+    def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        args = self.engine.prepare(inputs)
+        n = args[0].shape[0]
+        bucket = next((b for b in self.buckets if b >= n), None)
+        if bucket is None:  # beyond the largest bucket: run eagerly
+            return self.engine(**inputs)
+        padded = [torch.cat([a, a[-1:].expand(bucket - n, *a.shape[1:])]) if bucket > n else a for a in args]
+        key = tuple((tuple(a.shape), a.dtype) for a in padded)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(padded)
+        graph, static, outputs = self.graphs[key]
+        for dst, src in zip(static, padded):
+            dst.copy_(src)
+        graph.replay()
+        return {t.name: o[:n].float() for t, o in zip(self.spec.outputs, outputs)}
+
+
+def load_engines(spec: ModelSpec, layout: ModelLayout, names: tuple[str, ...], precision: str = "fp32",
+                 device: str = "cpu", cuda_graph_buckets: tuple[int, ...] = ()) -> dict[str, TorchEngine]:
+    """Torch engines for components `names` of the model."""
+    check_precision(precision, device)
+    pipe = load_pipeline(spec, DTYPES[precision])
+    engines = {}
+    for name in names:
+        engine = TorchEngine(wrap(name, spec.family, pipe), component_spec(name, spec.family, layout),
+                             precision, device)
+        engines[name] = CudaGraphEngine(engine, cuda_graph_buckets) if cuda_graph_buckets else engine
+    return engines
+
+
+def load_modules(spec: ModelSpec, names: tuple[str, ...]) -> dict[str, torch.nn.Module]:
+    """fp32 CPU modules of components `names`: what the exporters trace."""
+    pipe = load_pipeline(spec)
+    return {name: wrap(name, spec.family, pipe).eval() for name in names}

@@ -54,11 +54,11 @@ def run(
     # 1. Conditions: every prompt and negative prompt, once for the batch.
     cond = model.encode_prompts([image.prompt for image in batch.images])
     uncond = model.encode_prompts([image.negative_prompt for image in batch.images])
-    scales = torch.tensor([image.guidance_scale for image in batch.images])
+    scales = torch.tensor([image.guidance_scale for image in batch.images], device=model.device)
 
     # 2. Initial latents from each image's own seed, scaled to the first sigma.
     sigmas = SCHEDULES[batch.sampler](model.scheduler_config, batch.steps)
-    noise = initial_noise(model, batch) if noise is None else noise
+    noise = (initial_noise(model, batch) if noise is None else noise).to(model.device)
     x = model.denoiser.noise_to_x(noise, sigmas[0])
 
     # 3. Sample: one engine call per step for the whole batch (both guidance rows included).
@@ -68,4 +68,4 @@ def run(
 
     # 4. Decode latents to pixels.
     images = model.decode_latents(model.denoiser.x_to_latents(x, sigmas[-1]))
-    return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

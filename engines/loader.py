@@ -1,0 +1,182 @@
+"""Load a registry model on an engine: find or build every component's artefact in the cache,
+open it in its backend, and assemble the model the tasks run.
+
+    model = load(spec)                                        # the registry's engine
+    model = load(spec, engine="onnxruntime", cache=EngineCache(dir), on_event=print)
+    model = load(spec, engine="auto")                         # fastest measured on this host
+
+Every cache lookup is reported to `on_event` as a plain CacheEvent (the worker counts them
+in its metrics and logs build times).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engines import selection
+from engines.backends.base import EngineError
+from engines.cache import CacheEvent, CacheResult, EngineCache, EngineKey, canonical, device_fingerprint, library_versions
+from engines.components import FAMILY_COMPONENTS, TXT2IMG_COMPONENTS, component_spec, example_inputs
+from engines.layout import ModelLayout
+from engines.model import LoadedModel, assemble, load_tokenizers
+from engines.profiles import profiles
+from engines.registry import ModelSpec
+
+log = logging.getLogger("latentserve.engines")
+
+
+class Builder:
+    """Finds or builds the artefacts of one model; loads torch modules only on a miss."""
+
+    def __init__(self, spec: ModelSpec, layout: ModelLayout, cache: EngineCache, device: str,
+                 on_event: Callable[[CacheEvent], None] | None = None):
+        self.spec, self.layout, self.cache, self.device = spec, layout, cache, device
+        self.on_event = on_event or (lambda _e: None)
+        self._modules: dict[str, torch.nn.Module] = {}
+
+    def key(self, component: str, kind: str, precision: str, profile, versions: str, device: str) -> EngineKey:
+        cspec = component_spec(component, self.spec.family, self.layout)
+        return EngineKey(
+            model=self.spec.id, component=component, kind=kind, precision=precision,
+            weights=self.cache.weights_hash(self.spec.path / cspec.subfolder),
+            profile=canonical(profile), versions=versions, device=device,
+        )
+
+    def _get(self, key: EngineKey, build: Callable[[Path], dict]) -> CacheResult:
+        result = self.cache.get_or_build(key, build)
+        if not result.hit:
+            log.info("built %s %s %s for %s in %.1fs", key.component, key.kind, key.precision,
+                     key.model, result.build_s)
+        self.on_event(CacheEvent(key.model, key.component, key.kind, key.precision, result.hit, result.build_s))
+        return result
+
+    def module(self, component: str) -> torch.nn.Module:
+        if component not in self._modules:
+            from engines.backends.torch_backend import load_modules
+
+            # One pipeline load gives every component (they share the VAE): load them all once.
+            self._modules.update(load_modules(self.spec, FAMILY_COMPONENTS[self.spec.family]))
+        return self._modules[component]
+
+    def onnx(self, component: str, precision: str = "fp32") -> Path:
+        """The component's ONNX graph (dynamic batch and size): exported and checked on a miss."""
+        from export import onnx_export
+
+        cspec = component_spec(component, self.spec.family, self.layout)
+        signature = {"inputs": [[t.name, t.dtype, list(t.dims)] for t in cspec.inputs],
+                     "outputs": [[t.name, t.dtype, list(t.dims)] for t in cspec.outputs],
+                     "opset": onnx_export.OPSET}
+        key = self.key(component, "onnx", precision, signature, library_versions("torch", "onnx"), "any")
+
+        def build(tmp: Path) -> dict:
+            module = self.module(component)
+            info = onnx_export.export(module, cspec, self.layout, tmp / "model.onnx", precision)
+            if precision == "fp32":  # reduced-precision graphs are checked end to end instead
+                info.update(onnx_export.check(module, cspec, self.layout, tmp / "model.onnx"))
+                if info["max_abs_diff"] > onnx_export.tolerance(info["ref_max_abs"]):
+                    raise EngineError(f"{self.spec.id}/{component}: ONNX differs from torch by "
+                                      f"{info['max_abs_diff']:.2e} (bound {onnx_export.tolerance(info['ref_max_abs']):.1e})")
+            return info
+
+        return self._get(key, build).path / "model.onnx"
+
+    def tensorrt(self, component: str, precision: str) -> Path:
+        from export import tensorrt_build
+
+        onnx_path = self.onnx(component, precision)
+        cspec = component_spec(component, self.spec.family, self.layout)
+        plan_profiles = profiles(cspec, self.layout, self.spec.limits, self.spec.defaults, self.spec.max_batch)
+        versions = library_versions("tensorrt", "torch", "onnx")
+        device = device_fingerprint(self.device)
+        key = self.key(component, "tensorrt", precision, [p.as_json() for p in plan_profiles], versions, device)
+        timing = self.cache.root / "timing-caches" / f"{device}-{json.loads(versions)['tensorrt']}.cache"
+        timing.parent.mkdir(parents=True, exist_ok=True)
+        return self._get(key, lambda tmp: tensorrt_build.build(onnx_path, plan_profiles, tmp / "model.plan", timing)
+                         ).path / "model.plan"
+
+
+def _engines(builder: Builder, engine: str, precision: str, device: str, names, threads: int,
+             cuda_graphs: bool) -> dict:
+    spec, layout = builder.spec, builder.layout
+    if engine == "torch":
+        from engines.backends.torch_backend import load_engines
+        from engines.profiles import batch_buckets
+
+        buckets = tuple(hi for _lo, hi in batch_buckets(2 * spec.max_batch)) if cuda_graphs and device.startswith("cuda") else ()
+        return load_engines(spec, layout, tuple(names), precision, device, buckets)
+    if engine == "onnxruntime":
+        from engines.backends.onnxruntime_backend import OrtEngine
+
+        return {n: OrtEngine(builder.onnx(n, precision), component_spec(n, spec.family, layout), precision, device, threads)
+                for n in names}
+    if engine == "tensorrt":
+        from engines.backends.tensorrt_backend import TrtEngine
+
+        return {n: TrtEngine(builder.tensorrt(n, precision), component_spec(n, spec.family, layout), precision, device)
+                for n in names}
+    raise EngineError(f"unknown engine {engine!r}")
+
+
+def measure_denoiser(model: LoadedModel, layout: ModelLayout, repeats: int = 5) -> float:
+    """Median seconds of one guided denoiser call (cond + uncond rows) at the default size."""
+    d = model.spec.defaults
+    f = layout.vae_scale_factor
+    cspec = component_spec("denoiser", model.spec.family, layout)
+    inputs = example_inputs(cspec, layout, batch=2, latent_hw=(d.height // f, d.width // f))
+    denoiser = model.components["denoiser"]
+    times = []
+    with torch.inference_mode():
+        denoiser(**inputs)
+        for _ in range(repeats):
+            started = time.perf_counter()
+            out = denoiser(**inputs)["out_sample"]
+            if out.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def load(spec: ModelSpec, *, engine: str = "", precision: str = "", device: str = "cpu",
+         cache: EngineCache | None = None, on_event: Callable[[CacheEvent], None] | None = None,
+         threads: int = 0, cuda_graphs: bool = True, components: tuple[str, ...] | None = None) -> LoadedModel:
+    engine, precision = selection.requested(spec, engine, precision)
+    layout = ModelLayout.read(spec)
+    cache = cache or EngineCache()
+    builder = Builder(spec, layout, cache, device, on_event)
+    names = components or TXT2IMG_COMPONENTS[spec.family]
+    tokenizers = load_tokenizers(spec)
+
+    def build_model(kind: str) -> LoadedModel:
+        why = selection.runnable(kind, precision, device)
+        if why:
+            raise EngineError(f"{spec.id}: cannot run {kind} {precision} here: {why}")
+        engines = _engines(builder, kind, precision, device, names, threads, cuda_graphs)
+        return assemble(spec, layout, tokenizers, engines, kind, precision, device)
+
+    if engine != "auto":
+        return build_model(engine)
+
+    # auto: the measurement made when each candidate was first built on this host is cached.
+    seconds, kept = {}, None
+    for kind in selection.candidates(precision, device):
+        key = builder.key("denoiser", f"timing-{kind}", precision, {"defaults": [spec.defaults.width, spec.defaults.height]},
+                          library_versions("torch", "onnxruntime", "tensorrt"), device_fingerprint(device))
+        found = cache.lookup(key)
+        if found:
+            seconds[kind] = json.loads((found / "key.json").read_text())["info"]["seconds"]
+            continue
+        model = build_model(kind)
+        result = builder._get(key, lambda _tmp: {"seconds": measure_denoiser(model, layout)})
+        seconds[kind] = result.info["seconds"]
+        kept = model if kept is None or seconds[kind] < seconds[kept.engine] else kept
+    best = selection.fastest(seconds)
+    log.info("%s: auto picked %s (denoiser call, seconds: %s)", spec.id, best,
+             {k: round(v, 4) for k, v in seconds.items()})
+    return kept if kept is not None and kept.engine == best else build_model(best)

@@ -1,0 +1,54 @@
+"""Which engine and precision a worker uses for a model: pure rules, torch-free.
+
+The registry names each model's engine and precision; LATENTSERVE_ENGINE and
+LATENTSERVE_PRECISION override them for one worker. `auto` picks, among the engines this host
+can run at that precision, the one whose denoiser call measured fastest when it was built.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+from engines.backends.base import ENGINES, PRECISIONS
+from engines.registry import ModelSpec
+
+
+class SelectionError(ValueError):
+    pass
+
+
+def requested(spec: ModelSpec, engine: str = "", precision: str = "") -> tuple[str, str]:
+    """(engine, precision) for a model: the override where given, else the registry's."""
+    engine, precision = engine or spec.engine, precision or spec.precision
+    if engine not in (*ENGINES, "auto"):
+        raise SelectionError(f"engine must be one of {[*ENGINES, 'auto']}, got {engine!r}")
+    if precision not in PRECISIONS:
+        raise SelectionError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    return engine, precision
+
+
+def runnable(engine: str, precision: str, device: str) -> str | None:
+    """None if this host can run `engine` at `precision`, else why not."""
+    cuda = device.startswith("cuda")
+    if engine == "torch":
+        return None if precision != "fp16" or cuda else "torch fp16 needs CUDA"
+    if engine == "onnxruntime":
+        if find_spec("onnxruntime") is None:
+            return "onnxruntime is not installed"
+        return None if precision == "fp32" or (precision == "fp16" and cuda) else f"onnxruntime {precision} on {device}"
+    if engine == "tensorrt":
+        if not cuda:
+            return "TensorRT needs a CUDA device"
+        return None if find_spec("tensorrt") is not None else "tensorrt is not installed"
+    return f"unknown engine {engine!r}"
+
+
+def candidates(precision: str, device: str) -> list[str]:
+    return [e for e in ENGINES if runnable(e, precision, device) is None]
+
+
+def fastest(seconds: dict[str, float]) -> str:
+    """The engine with the smallest measured denoiser time (ties: the earlier in ENGINES)."""
+    if not seconds:
+        raise SelectionError("no engine could be measured")
+    return min(seconds, key=lambda e: (seconds[e], ENGINES.index(e)))
