@@ -25,6 +25,16 @@ TXT2IMG_COMPONENTS = {
 }
 
 
+def component_precision(name: str, precision: str) -> str:
+    """The precision a component runs at when the model runs at `precision`.
+
+    Text encoders stay fp32: they run once per batch (a negligible share of the time), and
+    their rounding error is what guidance amplifies. Measured on shapes-mmdit, 8 images,
+    bf16 vs fp32 PSNR: everything bf16 32.7 dB; text encoders fp32 50.2 dB; denoiser fp32 55.0 dB.
+    """
+    return "fp32" if name.startswith("text_encoder") else precision
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str

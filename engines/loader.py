@@ -23,7 +23,8 @@ import torch
 from engines import selection
 from engines.backends.base import EngineError
 from engines.cache import CacheEvent, CacheResult, EngineCache, EngineKey, canonical, device_fingerprint, library_versions
-from engines.components import FAMILY_COMPONENTS, TXT2IMG_COMPONENTS, component_spec, example_inputs
+from engines.components import (FAMILY_COMPONENTS, TXT2IMG_COMPONENTS, component_precision, component_spec,
+                                example_inputs)
 from engines.layout import ModelLayout
 from engines.model import LoadedModel, assemble, load_tokenizers
 from engines.profiles import profiles
@@ -114,12 +115,14 @@ def _engines(builder: Builder, engine: str, precision: str, device: str, names, 
     if engine == "onnxruntime":
         from engines.backends.onnxruntime_backend import OrtEngine
 
-        return {n: OrtEngine(builder.onnx(n, precision), component_spec(n, spec.family, layout), precision, device, threads)
+        return {n: OrtEngine(builder.onnx(n, component_precision(n, precision)), component_spec(n, spec.family, layout),
+                             component_precision(n, precision), device, threads)
                 for n in names}
     if engine == "tensorrt":
         from engines.backends.tensorrt_backend import TrtEngine
 
-        return {n: TrtEngine(builder.tensorrt(n, precision), component_spec(n, spec.family, layout), precision, device)
+        return {n: TrtEngine(builder.tensorrt(n, component_precision(n, precision)), component_spec(n, spec.family, layout),
+                             component_precision(n, precision), device)
                 for n in names}
     raise EngineError(f"unknown engine {engine!r}")
 

@@ -117,7 +117,7 @@ def test_metrics_parse_and_pass_promtool(api, worker):
         "latentserve_live_workers", "latentserve_jobs_finished", "latentserve_job_failures",
         "latentserve_images_generated", "latentserve_job_queue_wait_seconds",
         "latentserve_job_inference_seconds", "latentserve_job_end_to_end_seconds",
-        "latentserve_batch_size_images", "latentserve_denoise_step_seconds",
+        "latentserve_batch_size_images", "latentserve_denoise_step_seconds", "latentserve_engine_info",
     }
     assert expected <= names, expected - names
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub
 import torch
 
 from engines.backends.base import DTYPES, EngineError
-from engines.components import ComponentSpec, component_spec, wrap
+from engines.components import ComponentSpec, component_precision, component_spec, wrap
 from engines.layout import ModelLayout
 from engines.registry import ModelSpec
 
@@ -111,11 +111,11 @@ def load_engines(spec: ModelSpec, layout: ModelLayout, names: tuple[str, ...], p
                  device: str = "cpu", cuda_graph_buckets: tuple[int, ...] = ()) -> dict[str, TorchEngine]:
     """Torch engines for components `names` of the model."""
     check_precision(precision, device)
-    pipe = load_pipeline(spec, DTYPES[precision])
+    pipe = load_pipeline(spec)  # fp32 weights, each component cast to its own precision
     engines = {}
     for name in names:
         engine = TorchEngine(wrap(name, spec.family, pipe), component_spec(name, spec.family, layout),
-                             precision, device)
+                             component_precision(name, precision), device)
         engines[name] = CudaGraphEngine(engine, cuda_graph_buckets) if cuda_graph_buckets else engine
     return engines
 
