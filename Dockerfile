@@ -9,6 +9,7 @@ FROM scratch AS source
 COPY pyproject.toml README.md /app/
 COPY service /app/service
 COPY engines /app/engines
+COPY export /app/export
 COPY training /app/training
 COPY models /app/models
 
@@ -23,7 +24,9 @@ RUN pip install --index-url https://download.pytorch.org/whl/cu130 torch==2.13.0
 COPY --from=source /app /app
 # `gpu`, never `cpu`: onnxruntime and onnxruntime-gpu provide the same module.
 RUN pip install '.[gpu]'
-RUN useradd --uid 10001 --no-create-home latentserve
+RUN useradd --uid 10001 --no-create-home latentserve \
+    && mkdir -p /var/cache/latentserve && chown latentserve /var/cache/latentserve
+ENV LATENTSERVE_ENGINE_CACHE=/var/cache/latentserve/engines
 USER latentserve
 EXPOSE 8000 9101
 CMD ["python", "-m", "service.worker"]
@@ -37,7 +40,9 @@ WORKDIR /app
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 COPY --from=source /app /app
 RUN pip install '.[cpu]'
-RUN useradd --uid 10001 --no-create-home latentserve
+RUN useradd --uid 10001 --no-create-home latentserve \
+    && mkdir -p /var/cache/latentserve && chown latentserve /var/cache/latentserve
+ENV LATENTSERVE_ENGINE_CACHE=/var/cache/latentserve/engines
 USER latentserve
 EXPOSE 8000 9101
 HEALTHCHECK --interval=15s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')" || exit 1
