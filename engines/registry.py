@@ -35,6 +35,8 @@ FAMILIES = {"ldm", "mmdit"}
 # Which samplers each family can run (engines.sampling implements them).
 FAMILY_SAMPLERS = {"ldm": {"ddim", "euler"}, "mmdit": {"flow_euler"}}
 KNOWN_TASKS = ("txt2img", "img2img", "inpaint", "superres", "video")
+ENGINES = ("torch", "onnxruntime", "tensorrt")  # engines.backends; "auto" picks among them
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class RegistryError(ValueError):
@@ -116,6 +118,11 @@ def _spec(entry: dict, root: Path) -> ModelSpec:
     for side in (defaults.width, defaults.height):
         if side % limits.size_multiple or not limits.min_size <= side <= limits.max_size:
             raise RegistryError(f"{model_id}: default size {side} breaks its own limits")
+    engine, precision = entry.get("engine", "torch"), entry.get("precision", "fp32")
+    if engine not in (*ENGINES, "auto"):
+        raise RegistryError(f"{model_id}: engine must be one of {[*ENGINES, 'auto']}, got {engine!r}")
+    if precision not in PRECISIONS:
+        raise RegistryError(f"{model_id}: precision must be one of {list(PRECISIONS)}, got {precision!r}")
     return ModelSpec(
         id=model_id,
         path=path.resolve(),
@@ -125,8 +132,8 @@ def _spec(entry: dict, root: Path) -> ModelSpec:
         defaults=defaults,
         limits=limits,
         description=entry.get("description", ""),
-        engine=entry.get("engine", "torch"),
-        precision=entry.get("precision", "fp32"),
+        engine=engine,
+        precision=precision,
         max_batch=int(entry.get("max_batch", 8)),
         options=dict(entry.get("options", {})),
     )

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from importlib.util import find_spec
 
-from engines.backends.base import ENGINES, PRECISIONS
-from engines.registry import ModelSpec
+from engines.registry import ENGINES, PRECISIONS, ModelSpec
 
 
 class SelectionError(ValueError):

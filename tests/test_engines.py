@@ -287,3 +287,16 @@ def test_tensorrt_matches_torch(tmp_path):
     assert psnr(ref, txt2img.run(trt32, batch)) >= 40
     trt16 = loader.load(spec, engine="tensorrt", precision="fp16", device="cuda", cache=cache)
     assert psnr(ref, txt2img.run(trt16, batch)) >= 30
+
+
+@pytest.mark.parametrize("field,value", [("engine", "tensorflow"), ("precision", "int4")])
+def test_registry_names_a_known_engine_and_precision(tmp_path, field, value):
+    from engines.registry import RegistryError
+
+    manifest = json.loads((ROOT / "models" / "registry.json").read_text())
+    entry = next(m for m in manifest["models"] if m["id"] == "tiny-mmdit")
+    entry.update(path=str(ROOT / "models" / "tiny-mmdit"), **{field: value})
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps({"default": "tiny-mmdit", "models": [entry]}))
+    with pytest.raises(RegistryError, match=field):
+        load_registry(path)

@@ -14,9 +14,8 @@ from typing import Protocol
 import torch
 
 from engines.components import ComponentSpec
+from engines.registry import ENGINES, PRECISIONS  # noqa: F401  (re-exported for the backends)
 
-ENGINES = ("torch", "onnxruntime", "tensorrt")
-PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
