@@ -104,7 +104,8 @@ class CudaGraphEngine:
         for dst, src in zip(static, padded):
             dst.copy_(src)
         graph.replay()
-        return {t.name: o[:n].float() for t, o in zip(self.spec.outputs, outputs)}
+        # A copy: the static output buffers are overwritten by the next replay.
+        return {t.name: o[:n].to(torch.float32, copy=True) for t, o in zip(self.spec.outputs, outputs)}
 
 
 def load_engines(spec: ModelSpec, layout: ModelLayout, names: tuple[str, ...], precision: str = "fp32",
