@@ -62,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for name in names:
         cspec = component_spec(name, spec.family, layout)
-        path = args.out / f"{name}.{args.precision}.onnx"
+        path = args.out / f"{name}.{args.precision}" / "model.onnx"  # a directory each: external weights
+        path.parent.mkdir(exist_ok=True)
         info = onnx_export.export(modules[name], cspec, layout, path, args.precision)
         if args.precision == "fp32":
             info.update(onnx_export.check(modules[name], cspec, layout, path, args.threads))
             info["tolerance"] = onnx_export.tolerance(info["ref_max_abs"])
             info["ok"] = info["max_abs_diff"] <= info["tolerance"]
             failed |= not info["ok"]
+        info["file"] = str(path.relative_to(args.out))
         info["weights"] = hashes.weights_hash(spec.path / cspec.subfolder)
         info["inputs"] = [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims)} for t in cspec.inputs]
         info["outputs"] = [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims)} for t in cspec.outputs]
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             from export import tensorrt_build
 
             plan_profiles = profiles(cspec, layout, spec.limits, spec.defaults, spec.max_batch)
-            info["tensorrt"] = tensorrt_build.build(path, plan_profiles, path.with_suffix(".plan"),
+            info["tensorrt"] = tensorrt_build.build(path, plan_profiles, path.parent / "model.plan",
                                                     args.out / "timing.cache")
         manifest["components"][name] = info
         print(f"{name}: {info['bytes'] / 1e6:.1f} MB, export {info['export_s']:.1f}s"

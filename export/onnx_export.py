@@ -1,8 +1,9 @@
 """Export one component to ONNX and check the graph against torch.
 
 The TorchScript-based exporter (`dynamo=False`) is used on purpose: it names dynamic axes
-after ours, writes one self-contained file below 2 GB, and exports every component of both
-families with dynamic batch and spatial size; the dynamo exporter has a known wrong
+after ours and exports every component of both families with dynamic batch and spatial size
+(a graph over 2 GB, like an SD-1.5 UNet, gets its weights as external files beside it, so each
+graph has a directory of its own); the dynamo exporter has a known wrong
 translation for the motion UNet (../shared/ENVIRONMENT.md). For TensorRT 11, which only
 builds strongly typed networks, the reduced precision has to be in the graph itself, so an
 fp16 / bf16 export is traced from the module in that precision.
@@ -23,7 +24,7 @@ OPSET = 17
 
 
 def export(module: torch.nn.Module, spec: ComponentSpec, layout, path: Path, precision: str = "fp32") -> dict:
-    """Write `path` (an .onnx file); returns what to record about it."""
+    """Write `path` (an .onnx file, alone in its directory); returns what to record about it."""
     dtype = DTYPES[precision]
     example = example_inputs(spec, layout, batch=2)
     args = tuple(v.to(dtype) if v.is_floating_point() else v for v in example.values())
@@ -37,7 +38,7 @@ def export(module: torch.nn.Module, spec: ComponentSpec, layout, path: Path, pre
         )
     module.float()
     return {"file": path.name, "opset": OPSET, "precision": precision, "export_s": round(time.perf_counter() - started, 3),
-            "bytes": sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))}
+            "bytes": sum(p.stat().st_size for p in path.parent.iterdir() if p.is_file())}
 
 
 def check(module: torch.nn.Module, spec: ComponentSpec, layout, path: Path, threads: int = 0,

@@ -56,6 +56,7 @@ class TorchEngine:
         return [inputs[t.name].to(self.device, self.dtype if t.dtype == "float" else torch.int64)
                 for t in self.spec.inputs]
 
+    @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         outputs = self.module(*self.prepare(inputs))
         return {t.name: o.float() for t, o in zip(self.spec.outputs, outputs)}
@@ -90,6 +91,7 @@ class CudaGraphEngine:
         self.pool = graph.pool()
         return graph, static, outputs
 
+    @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
         args = self.engine.prepare(inputs)
         n = args[0].shape[0]
