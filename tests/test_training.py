@@ -116,6 +116,8 @@ def test_ldm_trainer_smoke_exports_a_model_the_sd_pipeline_runs(tmp_path):
               "--batch", "4", "--bank", "64"]
     run(*common, "--steps", "3")
     run(*common, "--export", str(tmp_path / "model"))
+    later = [a if a != str(tmp_path / "run") else str(tmp_path / "run2") for a in common]
+    assert "initialised from" in run(*later, "--steps", "1", "--init-model", str(tmp_path / "model"))
     from diffusers import StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model", safety_checker=None,

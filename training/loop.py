@@ -99,6 +99,9 @@ def denoiser_args(description: str, name: str, *, steps: int, lr: float,
     parser.add_argument("--snapshot-steps", type=int, nargs="*", default=snapshot_steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--init-model", type=Path,
+                        help="start from a shipped model's weights (when there is no checkpoint yet): how a run "
+                             "continues in a later session, since checkpoints are too large for git")
     return parser
 
 

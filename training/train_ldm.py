@@ -4,6 +4,7 @@ linear beta schedule, caption dropout for classifier-free guidance.
 
     python -m training.train_ldm --vae models/shapes-vae --out runs/shapes-ldm --minutes 60
     python -m training.train_ldm --vae models/shapes-vae --out runs/shapes-ldm --export models/shapes-ldm
+    python -m training.train_ldm --out runs/shapes-ldm-2 --init-model models/shapes-ldm --width 32  # a later session
 
 Served with DDIM (the SD-1.x scheduler layout); loads in diffusers' StableDiffusionPipeline.
 """
@@ -52,6 +53,10 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer, net = build(args)
+    if args.init_model and not (args.out / "checkpoint.pt").exists():
+        net["unet"].load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
+        net["text_encoder"].load_state_dict(CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
+        print(f"initialised from {args.init_model}", flush=True)
     bank = load_or_build(args.out / "bank.pt", args.vae, args.bank)
     latents, captions = bank["latents"].float(), bank["captions"]
     alphas_cumprod = vp_alphas_cumprod(SCHEDULE)

@@ -116,7 +116,6 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--shift", type=float, default=1.0, help="the exported scheduler's time shift")
     parser.add_argument("--half", action="store_true", help="export the transformer and text encoders in fp16")
-    parser.add_argument("--init-model", type=Path, help="start from a shipped model's weights (no checkpoint yet)")
     args = parse(parser)
     export(args) if args.export else train(args)
 
