@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -51,6 +52,17 @@ def eval_table(results: list[dict]) -> list[str]:
     return lines
 
 
+def cpu_description() -> str:
+    """This machine's CPU as the card states it (model name, cores, the matmul extensions)."""
+    from engines.cache import CPU_FLAGS
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    present = [f for f in CPU_FLAGS if f in flags]
+    return f"{name or platform.machine()} CPU, {os.cpu_count()} cores ({', '.join(present) or 'no AVX-512'})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", type=Path)
@@ -59,6 +71,7 @@ def main() -> None:
     parser.add_argument("--command", action="append", default=[], help="how it was trained (repeatable)")
     parser.add_argument("--eval", type=Path, action="append", default=[])
     parser.add_argument("--notes", default="")
+    parser.add_argument("--hardware", default="", help="where it trained (default: this machine's CPU)")
     args = parser.parse_args()
     training = json.loads((args.model_dir / "training.json").read_text())
     results = [json.loads(p.read_text()) for p in args.eval]
@@ -71,7 +84,7 @@ def main() -> None:
     elapsed = training.get("elapsed_s")
     lines += [f"- seed {training.get('seed')}, {training.get('step')} steps, batch {training.get('batch')}, lr {training.get('lr')}",
               f"- wall time {elapsed / 60:.1f} min" if elapsed else "- wall time: not recorded",
-              f"- hardware: {platform.machine()} CPU, 2 cores (the project's dev VM: Xeon with AVX-512 + AMX-BF16), no GPU",
+              f"- hardware: {args.hardware or cpu_description()}, no GPU",
               f"- settings: `{json.dumps(training)}`", ""]
     if results:
         lines += ["## Evaluation (`python -m training.evaluate`)", ""] + eval_table(results) + [""]
