@@ -810,19 +810,16 @@ def version(name: str) -> str | None:
 
 
 def cpu_info() -> dict:
-    info = {"model": platform.processor() or platform.machine(), "flags": []}
+    from engines.cache import cpu_fields, cpu_flags_present  # torch-free
+
+    fields, present = cpu_fields(), cpu_flags_present()
+    info = {"model": fields.get("model name") or platform.processor() or platform.machine(), "flags": present}
+    for key, name in (("vendor_id", "vendor_id"), ("cpu family", "cpu family"), ("model", "model_number")):
+        if key in fields:
+            info[name] = fields[key]
+    if fields:
+        info["amx"] = "amx_bf16" in present
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                info["model"] = line.split(":", 1)[1].strip()
-            elif line.startswith(("vendor_id", "cpu family", "model\t")):
-                key = {"model": "model_number"}.get(line.split(":")[0].strip(), line.split(":")[0].strip())
-                info.setdefault(key, line.split(":", 1)[1].strip())
-            elif line.startswith("flags") and not info["flags"]:
-                flags = set(line.split(":", 1)[1].split())
-                info["flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-                info["amx"] = "amx_bf16" in flags
         mem = Path("/proc/meminfo").read_text().splitlines()[0].split()
         info["memory_gib"] = round(int(mem[1]) / 2**20, 1)
     except OSError:

@@ -84,6 +84,26 @@ def library_versions(*names: str) -> str:
     return canonical(versions)
 
 
+def cpu_fields() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); {} elsewhere."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if not line.strip():
+                break  # the end of the first processor's block
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return fields
+
+
+def cpu_flags_present() -> list[str]:
+    """Which of CPU_FLAGS (the extensions that change kernel choice) this CPU has."""
+    flags = set(cpu_fields().get("flags", "").split())
+    return [f for f in CPU_FLAGS if f in flags]
+
+
 def device_fingerprint(device: str = "cpu") -> str:
     """What a built artefact or a measurement depends on in the hardware."""
     if device.startswith("cuda"):
@@ -92,17 +112,8 @@ def device_fingerprint(device: str = "cpu") -> str:
         index = torch.device(device).index or 0
         major, minor = torch.cuda.get_device_capability(index)
         return f"cuda-sm{major}{minor}-{torch.cuda.get_device_name(index).replace(' ', '_')}"
-    flags: set[str] = set()
-    model_name = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name") and not model_name:
-                model_name = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    present = [f for f in CPU_FLAGS if f in flags]
+    present = cpu_flags_present()
+    model_name = cpu_fields().get("model name", "")
     return f"cpu-{platform.machine()}-{'+'.join(present) or 'base'}-{os.cpu_count()}cores-{model_name.replace(' ', '_')}"
 
 

@@ -54,12 +54,10 @@ def eval_table(results: list[dict]) -> list[str]:
 
 def cpu_description() -> str:
     """This machine's CPU as the card states it (model name, cores, the matmul extensions)."""
-    from engines.cache import CPU_FLAGS
+    from engines.cache import cpu_fields, cpu_flags_present
 
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "")
-    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
-    present = [f for f in CPU_FLAGS if f in flags]
+    name = cpu_fields().get("model name", "")
+    present = cpu_flags_present()
     return f"{name or platform.machine()} CPU, {os.cpu_count()} cores ({', '.join(present) or 'no AVX-512'})"
 
 
