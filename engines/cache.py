@@ -160,30 +160,35 @@ class EngineCache:
     def _info(path: Path) -> dict:
         return json.loads((path / "key.json").read_text()).get("info", {})
 
-    # ------------------------------------------------------------------ weights hashes
-
     def weights_hash(self, directory: Path) -> str:
-        """sha256 over a weights directory's files (names and bytes), memoised by path, size
-        and mtime so a multi-GB checkpoint is read once per change, not once per start."""
-        files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
-        stamp = canonical([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
-        memo_path = self.root / "weights-hashes.json"
+        return weights_hash(directory, self.root / "weights-hashes.json")
+
+
+def weights_hash(directory: Path, memo_path: Path | None = None) -> str:
+    """sha256 over a weights directory's files (names and bytes). With a memo file it is
+    memoised by path, size and mtime, so a multi-GB checkpoint is read once per change, not
+    once per start."""
+    files = sorted(p for p in Path(directory).rglob("*") if p.is_file())
+    stamp = canonical([[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+    memo_key = hashlib.sha256(stamp.encode()).hexdigest()
+    memo = {}
+    if memo_path is not None:
         try:
             memo = json.loads(memo_path.read_text())
         except (OSError, json.JSONDecodeError):
             memo = {}
-        memo_key = hashlib.sha256(stamp.encode()).hexdigest()
         if memo_key in memo:
             return memo[memo_key]
-        h = hashlib.sha256()
-        for p in files:
-            h.update(str(p.relative_to(directory)).encode() + b"\0")
-            with open(p, "rb") as f:
-                while chunk := f.read(1 << 22):
-                    h.update(chunk)
-        digest = h.hexdigest()
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(directory)).encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    digest = h.hexdigest()
+    if memo_path is not None:
         memo[memo_key] = digest
         tmp = memo_path.with_suffix(f".tmp-{os.getpid()}")
         tmp.write_text(json.dumps(memo))
         os.replace(tmp, memo_path)
-        return digest
+    return digest

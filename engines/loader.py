@@ -41,16 +41,19 @@ class Builder:
         self.spec, self.layout, self.cache, self.device = spec, layout, cache, device
         self.on_event = on_event or (lambda _e: None)
         self._modules: dict[str, torch.nn.Module] = {}
+        self._weights: dict[str, str] = {}  # subfolder -> hash, once per load
 
     def key(self, component: str, kind: str, precision: str, profile, versions: str, device: str) -> EngineKey:
-        cspec = component_spec(component, self.spec.family, self.layout)
+        subfolder = component_spec(component, self.spec.family, self.layout).subfolder
+        if subfolder not in self._weights:
+            self._weights[subfolder] = self.cache.weights_hash(self.spec.path / subfolder)
         return EngineKey(
             model=self.spec.id, component=component, kind=kind, precision=precision,
-            weights=self.cache.weights_hash(self.spec.path / cspec.subfolder),
+            weights=self._weights[subfolder],
             profile=canonical(profile), versions=versions, device=device,
         )
 
-    def _get(self, key: EngineKey, build: Callable[[Path], dict]) -> CacheResult:
+    def get(self, key: EngineKey, build: Callable[[Path], dict]) -> CacheResult:
         result = self.cache.get_or_build(key, build)
         if not result.hit:
             log.info("built %s %s %s for %s in %.1fs", key.component, key.kind, key.precision,
@@ -86,7 +89,7 @@ class Builder:
                                       f"{info['max_abs_diff']:.2e} (bound {onnx_export.tolerance(info['ref_max_abs']):.1e})")
             return info
 
-        return self._get(key, build).path / "model.onnx"
+        return self.get(key, build).path / "model.onnx"
 
     def tensorrt(self, component: str, precision: str) -> Path:
         from export import tensorrt_build
@@ -99,7 +102,7 @@ class Builder:
         key = self.key(component, "tensorrt", precision, [p.as_json() for p in plan_profiles], versions, device)
         timing = self.cache.root / "timing-caches" / f"{device}-{json.loads(versions)['tensorrt']}.cache"
         timing.parent.mkdir(parents=True, exist_ok=True)
-        return self._get(key, lambda tmp: tensorrt_build.build(onnx_path, plan_profiles, tmp / "model.plan", timing)
+        return self.get(key, lambda tmp: tensorrt_build.build(onnx_path, plan_profiles, tmp / "model.plan", timing)
                          ).path / "model.plan"
 
 
@@ -112,19 +115,20 @@ def _engines(builder: Builder, engine: str, precision: str, device: str, names, 
 
         buckets = tuple(hi for _lo, hi in batch_buckets(2 * spec.max_batch)) if cuda_graphs and device.startswith("cuda") else ()
         return load_engines(spec, layout, tuple(names), precision, device, buckets)
-    if engine == "onnxruntime":
-        from engines.backends.onnxruntime_backend import OrtEngine
+    engines = {}
+    for n in names:
+        cspec, p = component_spec(n, spec.family, layout), component_precision(n, precision)
+        if engine == "onnxruntime":
+            from engines.backends.onnxruntime_backend import OrtEngine
 
-        return {n: OrtEngine(builder.onnx(n, component_precision(n, precision)), component_spec(n, spec.family, layout),
-                             component_precision(n, precision), device, threads)
-                for n in names}
-    if engine == "tensorrt":
-        from engines.backends.tensorrt_backend import TrtEngine
+            engines[n] = OrtEngine(builder.onnx(n, p), cspec, p, device, threads)
+        elif engine == "tensorrt":
+            from engines.backends.tensorrt_backend import TrtEngine
 
-        return {n: TrtEngine(builder.tensorrt(n, component_precision(n, precision)), component_spec(n, spec.family, layout),
-                             component_precision(n, precision), device)
-                for n in names}
-    raise EngineError(f"unknown engine {engine!r}")
+            engines[n] = TrtEngine(builder.tensorrt(n, p), cspec, p, device)
+        else:
+            raise EngineError(f"unknown engine {engine!r}")
+    return engines
 
 
 def measure_denoiser(model: LoadedModel, layout: ModelLayout, repeats: int = 5) -> float:
@@ -166,19 +170,21 @@ def load(spec: ModelSpec, *, engine: str = "", precision: str = "", device: str 
     if engine != "auto":
         return build_model(engine)
 
-    # auto: the measurement made when each candidate was first built on this host is cached.
+    # auto: the measurement made when each candidate was first built on this host is cached
+    # like any artefact; a candidate is loaded only to measure it, and only the fastest kept.
     seconds, kept = {}, None
     for kind in selection.candidates(precision, device):
         key = builder.key("denoiser", f"timing-{kind}", precision, {"defaults": [spec.defaults.width, spec.defaults.height]},
                           library_versions("torch", "onnxruntime", "tensorrt"), device_fingerprint(device))
-        found = cache.lookup(key)
-        if found:
-            seconds[kind] = json.loads((found / "key.json").read_text())["info"]["seconds"]
-            continue
-        model = build_model(kind)
-        result = builder._get(key, lambda _tmp: {"seconds": measure_denoiser(model, layout)})
-        seconds[kind] = result.info["seconds"]
-        kept = model if kept is None or seconds[kind] < seconds[kept.engine] else kept
+        measured = []
+
+        def measure(_tmp: Path, kind=kind, measured=measured) -> dict:
+            measured.append(build_model(kind))
+            return {"seconds": measure_denoiser(measured[0], layout)}
+
+        seconds[kind] = builder.get(key, measure).info["seconds"]
+        if measured and (kept is None or seconds[kind] < seconds[kept.engine]):
+            kept = measured[0]
     best = selection.fastest(seconds)
     log.info("%s: auto picked %s (denoiser call, seconds: %s)", spec.id, best,
              {k: round(v, 4) for k, v in seconds.items()})

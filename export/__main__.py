@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from engines.cache import EngineCache, library_versions
+from engines.cache import library_versions, weights_hash
 from engines.components import FAMILY_COMPONENTS, component_spec
 from engines.layout import ModelLayout
 from engines.profiles import profiles
@@ -56,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     names = tuple(args.components or FAMILY_COMPONENTS[spec.family])
     modules = load_modules(spec, names)
     args.out.mkdir(parents=True, exist_ok=True)
-    hashes = EngineCache(args.out / ".hashes")
     manifest = {"model": spec.id, "source": str(spec.path), "family": spec.family,
                 "versions": json.loads(library_versions("torch", "onnx", "onnxruntime")), "components": {}}
     failed = False
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             info["ok"] = info["max_abs_diff"] <= info["tolerance"]
             failed |= not info["ok"]
         info["file"] = str(path.relative_to(args.out))
-        info["weights"] = hashes.weights_hash(spec.path / cspec.subfolder)
+        info["weights"] = weights_hash(spec.path / cspec.subfolder)
         info["inputs"] = [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims)} for t in cspec.inputs]
         info["outputs"] = [{"name": t.name, "dtype": t.dtype, "dims": list(t.dims)} for t in cspec.outputs]
         if args.tensorrt:
