@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from engines.registry import load_registry
+from engines.registry import KNOWN_TASKS, load_registry
 from service.config import Settings, load_settings
 from service.metrics import ApiExporter
 from service.queue import TERMINAL, ApiQueue, Job, QueueFull, StoredImage
@@ -28,6 +28,7 @@ from service.validation import ApiError, resolve
 log = logging.getLogger("latentserve.api")
 RETRY_AFTER_S = 5
 SSE_KEEPALIVE_S = 15.0
+HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -107,9 +108,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
-        metrics.http.labels(request.method, path, str(response.status_code)).inc()
+        # Labels only ever take values from closed sets: a client's free text (a made-up
+        # model name, an invented HTTP method) must not mint new series.
+        method = request.method if request.method in HTTP_METHODS else "other"
+        metrics.http.labels(method, path, str(response.status_code)).inc()
         if path == "/v1/generate":
-            model, task = getattr(request.state, "generate_labels", ("", ""))
+            model, task = getattr(request.state, "generate_labels", ("unknown", "unknown"))
             metrics.generate.labels(model, task, str(response.status_code)).inc()
         return response
 
@@ -120,7 +124,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.post("/v1/generate", status_code=202, responses={200: {"model": JobOut}, **responses})
     async def generate(body: GenerateRequest, request: Request, wait: bool = False):
         """Queue a generation job. 202 with its id, or with ?wait=true the finished job (200)."""
-        request.state.generate_labels = (body.model or registry.default, body.task)
+        model_label = body.model or registry.default
+        request.state.generate_labels = (model_label if model_label in registry.models else "unknown",
+                                         body.task if body.task in KNOWN_TASKS else "unknown")
         resolved = resolve(body, registry)
         job = Job(id=uuid.uuid4().hex, model=resolved.spec.id, task=body.task,
                   request=resolved.request, created_at=time.time(), warnings=resolved.warnings)

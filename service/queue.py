@@ -4,6 +4,12 @@ Per model, one stream with one consumer group. A job is a hash (its record, with
 one stream entry {job, images}; enqueue writes both atomically. Workers claim entries with
 XREADGROUP (COUNT n) and reclaim entries idle past the visibility timeout with XAUTOCLAIM;
 a live worker keeps its claimed entries fresh with XCLAIM ... JUSTID from its heartbeat.
+A worker holds only what it runs now: entries it cannot run are released (XCLAIM ... IDLE
+<visibility timeout>, so the next XAUTOCLAIM of any worker takes them, in stream order) and a
+wake entry on the model's wake stream ends some idle worker's blocking read at once.
+Every write to a job record is a script that writes only while the record exists, so a
+record that expired stays gone (HSET on a missing key would recreate it without a TTL).
+Redis >= 6.2 (XAUTOCLAIM); nothing newer is used.
 Finishing is one script: it writes the result only if the job is not already finished, then
 XACKs and XDELs the entry (so XLEN is the number of unfinished jobs), then publishes the
 completion event. A reclaimed duplicate therefore never overwrites a result, and its worker
@@ -53,7 +59,35 @@ class Keys:
     def engines(model: str) -> str:
         return f"{PREFIX}:engines:{model}"  # hash: worker id -> JSON {engine, precision, device}
 
+    @staticmethod
+    def wake(model: str) -> str:
+        return f"{PREFIX}:wake:{model}"  # stream: "entries were released", ends a blocking read
+
+    @staticmethod
+    def grouped(model: str) -> tuple[str, str]:
+        """The streams a model's workers read through the consumer group."""
+        return Keys.stream(model), Keys.wake(model)
+
     DEAD = f"{PREFIX}:dead"  # stream of dead-lettered jobs, for operators
+
+
+MIN_REDIS = (6, 2)  # XAUTOCLAIM
+
+
+class RedisTooOld(RuntimeError):
+    pass
+
+
+def redis_version(client: redis.Redis) -> str:
+    return str(client.info("server")["redis_version"])
+
+
+def check_redis_version(version: str) -> None:
+    """Refuse a server older than 6.2 (no XAUTOCLAIM) with a message that says so."""
+    parts = tuple(int(p) for p in version.split(".")[:2])
+    if parts < MIN_REDIS:
+        raise RedisTooOld(f"Redis {version} is too old: latentserve needs Redis >= "
+                          f"{'.'.join(map(str, MIN_REDIS))} (XAUTOCLAIM)")
 
 
 # ---------------------------------------------------------------- the job record and its codec
@@ -99,7 +133,13 @@ def encode_job(job: Job) -> dict[str, str]:
     return out
 
 
-def decode_job(raw: dict) -> Job:
+_REQUIRED = ("id", "model", "task", "request")
+
+
+def decode_job(raw: dict) -> Job | None:
+    """The job, or None for a record that is empty or lacks an identity field."""
+    if not raw:
+        return None
     data: dict[str, Any] = {}
     names = Job.__dataclass_fields__
     for key, value in raw.items():
@@ -115,6 +155,8 @@ def decode_job(raw: dict) -> Job:
             data[key] = int(value)
         else:
             data[key] = value
+    if any(name not in data for name in _REQUIRED):
+        return None
     return Job(**data)
 
 
@@ -148,7 +190,9 @@ _CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == 'queued' then
-  redis.call('XDEL', KEYS[2], redis.call('HGET', KEYS[1], 'stream_id'))
+  local sid = redis.call('HGET', KEYS[1], 'stream_id')
+  redis.call('XACK', KEYS[2], 'workers', sid)  -- a released entry is still pending
+  redis.call('XDEL', KEYS[2], sid)
   redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[1],
              'error', 'cancelled before it ran')
   redis.call('PUBLISH', KEYS[3], ARGV[2])
@@ -194,6 +238,37 @@ return 1
 """
 
 
+# KEYS: job, events; ARGV: step, total, event json
+# Returns 0 (go on), 1 (cancel requested) or 2 (the record is gone: expired or deleted).
+_PROGRESS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 2 end
+redis.call('HSET', KEYS[1], 'progress_step', ARGV[1], 'progress_total', ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[3])
+if redis.call('HGET', KEYS[1], 'cancel_requested') then return 1 end
+return 0
+"""
+
+# KEYS: job, events; ARGV: error, event json
+# A running job goes back to queued for an immediate retry (its attempt stays counted).
+_REQUEUE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'last_error', ARGV[1], 'progress_step', 0)
+redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 1
+"""
+
+# KEYS: stream, wake; ARGV: consumer, idle ms, stream ids...
+# Entries this worker holds but will not run: idle as if abandoned, so any worker's next
+# XAUTOCLAIM takes them (JUSTID: no delivery counted), then wake one blocked reader.
+_RELEASE = """
+for i = 3, #ARGV do
+  redis.call('XCLAIM', KEYS[1], 'workers', ARGV[1], 0, ARGV[i], 'IDLE', ARGV[2], 'JUSTID')
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', 100, '*', 'released', #ARGV - 2)
+return 1
+"""
+
+
 def _flatten(mapping: dict) -> list:
     return [item for pair in mapping.items() for item in pair]
 
@@ -213,11 +288,12 @@ class ApiQueue:
         self._cancel = client.register_script(_CANCEL)
 
     async def ensure_group(self, model: str) -> None:
-        try:
-            await self.r.xgroup_create(Keys.stream(model), GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in Keys.grouped(model):
+            try:
+                await self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     async def enqueue(self, job: Job, max_queue: int) -> Job:
         fields = _flatten(encode_job(job))
@@ -231,8 +307,7 @@ class ApiQueue:
         return job
 
     async def get(self, job_id: str) -> Job | None:
-        raw = await self.r.hgetall(Keys.job(job_id))
-        return decode_job(raw) if raw else None
+        return decode_job(await self.r.hgetall(Keys.job(job_id)))
 
     async def images(self, job_id: str) -> list[StoredImage]:
         raw = await self.r.hgetall(Keys.result(job_id))
@@ -322,6 +397,19 @@ class Claimed:
     stream_id: str
     job_id: str
     images: int
+    reclaimed: bool = False  # taken over by XAUTOCLAIM (released, or a dead worker's): it has waited
+
+
+@dataclass
+class Outcome:
+    """How a job ended, as the finish script stores it."""
+
+    job: Job
+    claimed: Claimed
+    status: str  # succeeded | failed | cancelled
+    error: str | None = None
+    images: list[StoredImage] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # record fields: timings, batch_size, progress
 
 
 class WorkerQueue:
@@ -331,33 +419,83 @@ class WorkerQueue:
         self.ttl = job_ttl_s
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
+        self._progress = client.register_script(_PROGRESS)
+        self._requeue = client.register_script(_REQUEUE)
+        self._release = client.register_script(_RELEASE)
 
     def ensure_group(self, model: str) -> None:
-        try:
-            self.r.xgroup_create(Keys.stream(model), GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        for stream in Keys.grouped(model):
+            try:
+                self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
 
     def claim(self, models: list[str], count: int, block_ms: int | None, min_idle_ms: int) -> list[Claimed]:
-        """Up to `count` entries: first ones idle past `min_idle_ms` (a dead worker's), then new
-        ones, waiting up to `block_ms` for new ones (None: don't wait)."""
+        """Up to `count` entries: first ones idle past `min_idle_ms` (released, or a dead
+        worker's), then new ones, waiting up to `block_ms` for new ones (None: don't wait).
+        A wake entry ends the wait and sends the worker back to XAUTOCLAIM."""
+        claimed = self._autoclaim(models, count, min_idle_ms)
+        if len(claimed) >= count:
+            return claimed
+        streams = {**{Keys.stream(m): ">" for m in models}, **{Keys.wake(m): ">" for m in models}}
+        block = None if block_ms is None else max(1, block_ms)  # BLOCK 0 would wait forever
+        reply = self.r.xreadgroup(GROUP, self.worker_id, streams, count=count - len(claimed), block=block)
+        woken = False
+        for stream, messages in reply or []:
+            _prefix, kind, model = _text(stream).split(":", 2)
+            if kind == "wake":
+                woken = True
+                self._consume(Keys.wake(model), [sid for sid, _ in messages])
+            else:
+                claimed += [_claimed(model, sid, fields) for sid, fields in messages if fields]
+        if woken and len(claimed) < count:
+            claimed += self._autoclaim(models, count - len(claimed), min_idle_ms)
+        return claimed
+
+    def _autoclaim(self, models: list[str], count: int, min_idle_ms: int) -> list[Claimed]:
         claimed: list[Claimed] = []
         for model in models:
             if len(claimed) >= count:
                 break
-            _next, messages, _deleted = self.r.xautoclaim(
-                Keys.stream(model), GROUP, self.worker_id, min_idle_ms, "0-0", count=count - len(claimed)
-            )
-            claimed += [_claimed(model, sid, fields) for sid, fields in messages if fields]
-        if len(claimed) < count:
-            streams = {Keys.stream(m): ">" for m in models}
-            block = None if block_ms is None else max(1, block_ms)  # BLOCK 0 would wait forever
-            reply = self.r.xreadgroup(GROUP, self.worker_id, streams, count=count - len(claimed), block=block)
-            for stream, messages in reply or []:
-                model = (stream.decode() if isinstance(stream, bytes) else stream).split(":", 2)[2]
-                claimed += [_claimed(model, sid, fields) for sid, fields in messages if fields]
+            # Redis 7 replies [next, messages, deleted ids]; Redis 6.2 [next, messages], and
+            # there an entry deleted while pending (a cancelled job) comes back without fields.
+            reply = self.r.xautoclaim(Keys.stream(model), GROUP, self.worker_id, min_idle_ms, "0-0",
+                                      count=count - len(claimed))
+            messages = reply[1]
+            gone = [sid for sid, fields in messages if not fields]
+            if gone:
+                self._consume(Keys.stream(model), gone)
+            claimed += [_claimed(model, sid, fields, reclaimed=True) for sid, fields in messages if fields]
         return claimed
+
+    def _consume(self, stream: str, ids: list) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xack(stream, GROUP, *ids)
+        pipe.xdel(stream, *ids)
+        pipe.execute()
+
+    def release(self, held: list[Claimed], idle_ms: int) -> None:
+        """Give back entries this worker will not run now: any worker's next XAUTOCLAIM
+        (with `idle_ms` as its min idle time) takes them, and one blocked worker wakes."""
+        by_model: dict[str, list[str]] = {}
+        for c in held:
+            by_model.setdefault(c.model, []).append(c.stream_id)
+        pipe = self.r.pipeline(transaction=False)
+        for model, ids in by_model.items():
+            self._release(keys=[Keys.stream(model), Keys.wake(model)],
+                          args=[self.worker_id, idle_ms, *ids], client=pipe)
+        pipe.execute()
+
+    def requeue(self, jobs: list[tuple[Job, Claimed]], error: str, idle_ms: int) -> None:
+        """Running jobs back to queued for an immediate retry (by any worker), keeping the
+        error that stopped this attempt in `last_error`."""
+        pipe = self.r.pipeline(transaction=False)
+        event = _event("status", status="queued")
+        for job, _claimed_entry in jobs:
+            self._requeue(keys=[Keys.job(job.id), Keys.events(job.id)], args=[error, event], client=pipe)
+        pipe.execute()
+        self.release([c for _, c in jobs], idle_ms)
 
     def touch(self, held: list[Claimed]) -> None:
         """Reset the idle time of held entries so no other worker reclaims them."""
@@ -372,7 +510,7 @@ class WorkerQueue:
         pipe = self.r.pipeline(transaction=False)
         for c in claimed:
             pipe.hgetall(Keys.job(c.job_id))
-        return [decode_job(raw) if raw else None for raw in pipe.execute()]
+        return [decode_job(raw) for raw in pipe.execute()]
 
     def start(self, claimed: list[Claimed]) -> list[int | None]:
         """Mark jobs running; for each, its attempt number, or None if it must not run
@@ -388,38 +526,38 @@ class WorkerQueue:
             out.append(int(attempts) if previous in ("queued", "running") else None)
         return out
 
-    def report_progress(self, jobs: list[Job], step: int, total: int) -> set[str]:
-        """Record and publish progress; returns the ids of jobs whose cancel was requested."""
+    def report_progress(self, jobs: list[Job], step: int, total: int) -> dict[str, str]:
+        """Record and publish progress. Returns the jobs that must stop: id -> "cancelled"
+        (a cancel was requested) or "gone" (the record expired or was deleted)."""
         pipe = self.r.pipeline(transaction=False)
         event = _event("progress", step=step, total=total)
         for job in jobs:
-            pipe.hset(Keys.job(job.id), mapping={"progress_step": step, "progress_total": total})
-            pipe.publish(Keys.events(job.id), event)
-            pipe.hget(Keys.job(job.id), "cancel_requested")
-        replies = pipe.execute()
-        return {job.id for job, flag in zip(jobs, replies[2::3]) if flag}
+            self._progress(keys=[Keys.job(job.id), Keys.events(job.id)], args=[step, total, event], client=pipe)
+        outcome = {1: "cancelled", 2: "gone"}
+        return {job.id: outcome[int(x)] for job, x in zip(jobs, pipe.execute()) if int(x) in outcome}
 
     def finish(self, job: Job, claimed: Claimed, status: str, *, error: str | None = None,
                images: list[StoredImage] = (), extra: dict | None = None) -> bool:
         """Store the outcome unless the job already has one; ack the entry. True if stored."""
-        return self.finish_many([(job, claimed, status, error, list(images), extra or {})])[0]
+        return self.finish_many([Outcome(job, claimed, status, error, list(images), extra or {})])[0]
 
-    def finish_many(self, outcomes: list[tuple]) -> list[bool]:
+    def finish_many(self, outcomes: list[Outcome]) -> list[bool]:
         pipe = self.r.pipeline(transaction=False)
         now = time.time()
-        for job, claimed, status, error, images, extra in outcomes:
-            fields = {"status": status, "finished_at": now, **extra}
-            if error:
-                fields["error"] = error
+        for o in outcomes:
+            fields = {"status": o.status, "finished_at": now, **o.extra}
+            if o.error:
+                fields["error"] = o.error
             fields = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in fields.items()}
             result = {}
-            if images:
-                meta = [{"mime": i.mime, "seed": i.seed, "width": i.width, "height": i.height} for i in images]
-                result = {"meta": json.dumps(meta), **{f"image:{k}": i.data for k, i in enumerate(images)}}
+            if o.images:
+                meta = [{"mime": i.mime, "seed": i.seed, "width": i.width, "height": i.height} for i in o.images]
+                result = {"meta": json.dumps(meta), **{f"image:{k}": i.data for k, i in enumerate(o.images)}}
             flat = _flatten(fields)
             self._finish(
-                keys=[Keys.job(job.id), Keys.result(job.id), Keys.stream(claimed.model), Keys.events(job.id)],
-                args=[claimed.stream_id, self.ttl, _event("done", status=status), len(flat), *flat, *_flatten(result)],
+                keys=[Keys.job(o.job.id), Keys.result(o.job.id), Keys.stream(o.claimed.model), Keys.events(o.job.id)],
+                args=[o.claimed.stream_id, self.ttl, _event("done", status=o.status), len(flat), *flat,
+                      *_flatten(result)],
                 client=pipe,
             )
         return [bool(x) for x in pipe.execute()]
@@ -430,9 +568,6 @@ class WorkerQueue:
         pipe.xack(Keys.stream(claimed.model), GROUP, claimed.stream_id)
         pipe.xdel(Keys.stream(claimed.model), claimed.stream_id)
         pipe.execute()
-
-    def record_error(self, job: Job, error: str) -> None:
-        self.r.hset(Keys.job(job.id), "last_error", error)
 
     def dead_letter(self, job: Job, reason: str) -> None:
         self.r.xadd(Keys.DEAD, {"job": job.id, "model": job.model, "reason": reason}, maxlen=10000)
@@ -458,9 +593,10 @@ class WorkerQueue:
         return self.r.zcount(Keys.workers(model), time.time() - ttl_s, "+inf")
 
 
-def _claimed(model: str, sid, fields: dict) -> Claimed:
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _claimed(model: str, sid, fields: dict, reclaimed: bool = False) -> Claimed:
     get = lambda k: fields.get(k.encode(), fields.get(k))  # noqa: E731  bytes or str keys
-    sid = sid.decode() if isinstance(sid, bytes) else sid
-    job_id = get("job")
-    job_id = job_id.decode() if isinstance(job_id, bytes) else job_id
-    return Claimed(model, sid, job_id, int(get("images") or 1))
+    return Claimed(model, _text(sid), _text(get("job")), int(get("images") or 1), reclaimed)

