@@ -19,6 +19,8 @@ import httpx
 import pytest
 import redis
 
+from service.queue import Job
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
 # Engine caches built by tests (this process and the workers it starts) never touch ~/.cache.
@@ -240,9 +242,8 @@ def job_status(api: httpx.Client, job_id: str) -> dict:
     return response.json()
 
 
-def job_record(model: str, task: str = "txt2img", **request) -> "Job":
+def job_record(model: str, task: str = "txt2img", **request) -> Job:
     """A job record as the API writes it (every request field filled in)."""
-    from service.queue import Job
 
     full = {"prompt": "a red circle", "negative_prompt": "", "width": 64, "height": 64, "num_images": 1,
             "steps": 10, "sampler": "ddim", "guidance_scale": 4.0, "seed": 0, "output_format": "png",
@@ -253,9 +254,9 @@ def job_record(model: str, task: str = "txt2img", **request) -> "Job":
 def enqueue_together(r: redis.Redis, jobs: list, ttl_s: int = 600) -> None:
     """Write jobs straight into Redis with the queue's own enqueue script, all in one
     transaction, so they arrive together: one blocked worker's read takes them all."""
-    from service.queue import _ENQUEUE, Keys, encode_job
+    from service.queue import Keys, encode_job, scripts
 
-    script = r.register_script(_ENQUEUE)
+    script = r.register_script(scripts.ENQUEUE)
     pipe = r.pipeline(transaction=True)
     for job in jobs:
         fields = [x for pair in encode_job(job).items() for x in pair]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
 from engines import loader

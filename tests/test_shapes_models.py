@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from service.config import ROOT
-from training.evaluate import judge, shuffled_cases, validate_scorer
+from training.evaluate import shuffled_cases, validate_scorer
 from training.scorer import score_image
 from tests.conftest import generate
 

@@ -1,0 +1,115 @@
+"""The API side of the queue (asyncio): enqueue, read, cancel, subscribe."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+import redis.asyncio as aioredis
+
+from service.queue import scripts
+from service.queue.keys import GROUP, Keys
+from service.queue.records import Job, StoredImage, decode_images, decode_job, encode_job, flatten, make_event
+
+
+class QueueFull(Exception):
+    pass
+
+
+class ApiQueue:
+    def __init__(self, client: aioredis.Redis, job_ttl_s: int):
+        self.r = client
+        self.ttl = job_ttl_s
+        self._enqueue = client.register_script(scripts.ENQUEUE)
+        self._cancel = client.register_script(scripts.CANCEL)
+
+    async def ensure_group(self, model: str) -> None:
+        for stream in Keys.grouped(model):
+            try:
+                await self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    async def enqueue(self, job: Job, max_queue: int) -> Job:
+        fields = flatten(encode_job(job))
+        sid = await self._enqueue(
+            keys=[Keys.stream(job.model), Keys.job(job.id)],
+            args=[max_queue, self.ttl, job.id, job.num_images, *fields],
+        )
+        if sid is None:
+            raise QueueFull(job.model)
+        job.stream_id = sid.decode() if isinstance(sid, bytes) else sid
+        return job
+
+    async def get(self, job_id: str) -> Job | None:
+        return decode_job(await self.r.hgetall(Keys.job(job_id)))
+
+    async def images(self, job_id: str) -> list[StoredImage]:
+        raw = await self.r.hgetall(Keys.result(job_id))
+        return decode_images(raw)
+
+    async def image(self, job_id: str, k: int) -> StoredImage | None:
+        meta, data = await self.r.hmget(Keys.result(job_id), "meta", f"image:{k}")
+        if meta is None or data is None:
+            return None
+        return StoredImage(data=data, **json.loads(meta)[k])
+
+    async def cancel(self, job_id: str) -> str | None:
+        """'cancelled' (was queued), 'cancelling' (running), a terminal status, or None."""
+        event = make_event("status", status="cancelled")
+        out = await self._cancel(
+            keys=[Keys.job(job_id), Keys.stream(await self._model_of(job_id)), Keys.events(job_id)],
+            args=[time.time(), event],
+        )
+        return out.decode() if isinstance(out, bytes) else out
+
+    async def _model_of(self, job_id: str) -> str:
+        model = await self.r.hget(Keys.job(job_id), "model")
+        return model.decode() if model else "_"
+
+    async def depth(self, model: str) -> int:
+        return await self.r.xlen(Keys.stream(model))
+
+    async def live_workers(self, model: str, ttl_s: float) -> int:
+        return await self.r.zcount(Keys.workers(model), time.time() - ttl_s, "+inf")
+
+    async def live_engines(self, model: str, ttl_s: float) -> list[dict]:
+        """What the live workers of a model run: [{engine, precision, device, workers}]."""
+        live = await self.r.zrangebyscore(Keys.workers(model), time.time() - ttl_s, "+inf")
+        if not live:
+            return []
+        counts: dict[str, int] = {}
+        for raw in await self.r.hmget(Keys.engines(model), live):
+            if raw:
+                raw = raw.decode() if isinstance(raw, bytes) else raw
+                counts[raw] = counts.get(raw, 0) + 1
+        return [{**json.loads(k), "workers": n} for k, n in sorted(counts.items())]
+
+    def subscribe(self, job_id: str):
+        """A pub/sub handle already subscribed to the job's events (use as async context)."""
+        return _Subscription(self.r, Keys.events(job_id))
+
+
+class _Subscription:
+    def __init__(self, client: aioredis.Redis, channel: str):
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        self.channel = channel
+
+    async def __aenter__(self):
+        await self.pubsub.subscribe(self.channel)
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.pubsub.unsubscribe(self.channel)
+        await self.pubsub.aclose()
+
+    async def next_event(self, timeout: float) -> dict | None:
+        """The next event, or None when `timeout` seconds pass without one."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            message = await self.pubsub.get_message(timeout=left)
+            if message and message["type"] == "message":
+                return json.loads(message["data"])
+        return None

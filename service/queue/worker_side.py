@@ -1,0 +1,202 @@
+"""The worker side of the queue (blocking): claim, release, start, progress, finish."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis
+
+from service.queue import scripts
+from service.queue.keys import GROUP, Keys
+from service.queue.records import Claimed, Job, Outcome, StoredImage, decode_job, flatten, make_event
+
+
+class WorkerQueue:
+    def __init__(self, client: redis.Redis, worker_id: str, job_ttl_s: int):
+        self.r = client
+        self.worker_id = worker_id
+        self.ttl = job_ttl_s
+        self._start = client.register_script(scripts.START)
+        self._finish = client.register_script(scripts.FINISH)
+        self._progress = client.register_script(scripts.PROGRESS)
+        self._requeue = client.register_script(scripts.REQUEUE)
+        self._release = client.register_script(scripts.RELEASE)
+
+    def ensure_group(self, model: str) -> None:
+        for stream in Keys.grouped(model):
+            try:
+                self.r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+
+    def claim(self, models: list[str], count: int, block_ms: int | None, min_idle_ms: int) -> list[Claimed]:
+        """Up to `count` entries: first ones idle past `min_idle_ms` (released, or a dead
+        worker's), then new ones, waiting up to `block_ms` for new ones (None: don't wait).
+        A wake entry ends the wait and sends the worker back to XAUTOCLAIM."""
+        claimed = self._autoclaim(models, count, min_idle_ms)
+        if len(claimed) >= count:
+            return claimed
+        streams = {**{Keys.stream(m): ">" for m in models}, **{Keys.wake(m): ">" for m in models}}
+        block = None if block_ms is None else max(1, block_ms)  # BLOCK 0 would wait forever
+        reply = self.r.xreadgroup(GROUP, self.worker_id, streams, count=count - len(claimed), block=block)
+        woken = False
+        for stream, messages in reply or []:
+            _prefix, kind, model = _text(stream).split(":", 2)
+            if kind == "wake":
+                woken = True
+                self._consume(Keys.wake(model), [sid for sid, _ in messages])
+            else:
+                claimed += [_claimed(model, sid, fields) for sid, fields in messages if fields]
+        if woken and len(claimed) < count:
+            claimed += self._autoclaim(models, count - len(claimed), min_idle_ms)
+        return claimed
+
+    def _autoclaim(self, models: list[str], count: int, min_idle_ms: int) -> list[Claimed]:
+        claimed: list[Claimed] = []
+        for model in models:
+            if len(claimed) >= count:
+                break
+            # Redis 7 replies [next, messages, deleted ids]; Redis 6.2 [next, messages], and
+            # there an entry deleted while pending (a cancelled job) comes back without fields.
+            reply = self.r.xautoclaim(Keys.stream(model), GROUP, self.worker_id, min_idle_ms, "0-0",
+                                      count=count - len(claimed))
+            messages = reply[1]
+            gone = [sid for sid, fields in messages if not fields]
+            if gone:
+                self._consume(Keys.stream(model), gone)
+            claimed += [_claimed(model, sid, fields, reclaimed=True) for sid, fields in messages if fields]
+        return claimed
+
+    def _consume(self, stream: str, ids: list) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xack(stream, GROUP, *ids)
+        pipe.xdel(stream, *ids)
+        pipe.execute()
+
+    def release(self, held: list[Claimed], idle_ms: int) -> None:
+        """Give back entries this worker will not run now: any worker's next XAUTOCLAIM
+        (with `idle_ms` as its min idle time) takes them, and one blocked worker wakes."""
+        by_model: dict[str, list[str]] = {}
+        for c in held:
+            by_model.setdefault(c.model, []).append(c.stream_id)
+        pipe = self.r.pipeline(transaction=False)
+        for model, ids in by_model.items():
+            self._release(keys=[Keys.stream(model), Keys.wake(model)],
+                          args=[self.worker_id, idle_ms, *ids], client=pipe)
+        pipe.execute()
+
+    def requeue(self, jobs: list[tuple[Job, Claimed]], error: str, idle_ms: int) -> None:
+        """Running jobs back to queued for an immediate retry (by any worker), keeping the
+        error that stopped this attempt in `last_error`."""
+        pipe = self.r.pipeline(transaction=False)
+        event = make_event("status", status="queued")
+        for job, _claimed_entry in jobs:
+            self._requeue(keys=[Keys.job(job.id), Keys.events(job.id)], args=[error, event], client=pipe)
+        pipe.execute()
+        self.release([c for _, c in jobs], idle_ms)
+
+    def touch(self, held: list[Claimed]) -> None:
+        """Reset the idle time of held entries so no other worker reclaims them."""
+        by_model: dict[str, list[str]] = {}
+        for c in held:
+            by_model.setdefault(c.model, []).append(c.stream_id)
+        for model, ids in by_model.items():
+            self.r.xclaim(Keys.stream(model), GROUP, self.worker_id, 0, ids, justid=True)
+
+    def load(self, claimed: list[Claimed]) -> list[Job | None]:
+        """The job records of claimed entries (None where the record expired)."""
+        pipe = self.r.pipeline(transaction=False)
+        for c in claimed:
+            pipe.hgetall(Keys.job(c.job_id))
+        return [decode_job(raw) for raw in pipe.execute()]
+
+    def start(self, claimed: list[Claimed]) -> list[int | None]:
+        """Mark jobs running; for each, its attempt number, or None if it must not run
+        (finished, cancelled or expired meanwhile)."""
+        pipe = self.r.pipeline(transaction=False)
+        now = time.time()
+        for c in claimed:
+            self._start(keys=[Keys.job(c.job_id), Keys.events(c.job_id)],
+                        args=[self.worker_id, now, make_event("status", status="running")], client=pipe)
+        out = []
+        for previous, attempts in pipe.execute():
+            previous = previous.decode() if isinstance(previous, bytes) else previous
+            out.append(int(attempts) if previous in ("queued", "running") else None)
+        return out
+
+    def report_progress(self, jobs: list[Job], step: int, total: int) -> dict[str, str]:
+        """Record and publish progress. Returns the jobs that must stop: id -> "cancelled"
+        (a cancel was requested) or "gone" (the record expired or was deleted)."""
+        pipe = self.r.pipeline(transaction=False)
+        event = make_event("progress", step=step, total=total)
+        for job in jobs:
+            self._progress(keys=[Keys.job(job.id), Keys.events(job.id)], args=[step, total, event], client=pipe)
+        outcome = {1: "cancelled", 2: "gone"}
+        return {job.id: outcome[int(x)] for job, x in zip(jobs, pipe.execute()) if int(x) in outcome}
+
+    def finish(self, job: Job, claimed: Claimed, status: str, *, error: str | None = None,
+               images: list[StoredImage] = (), extra: dict | None = None) -> bool:
+        """Store the outcome unless the job already has one; ack the entry. True if stored."""
+        return self.finish_many([Outcome(job, claimed, status, error, list(images), extra or {})])[0]
+
+    def finish_many(self, outcomes: list[Outcome]) -> list[bool]:
+        pipe = self.r.pipeline(transaction=False)
+        now = time.time()
+        for o in outcomes:
+            fields = {"status": o.status, "finished_at": now, **o.extra}
+            if o.error:
+                fields["error"] = o.error
+            fields = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in fields.items()}
+            result = {}
+            if o.images:
+                meta = [{"mime": i.mime, "seed": i.seed, "width": i.width, "height": i.height} for i in o.images]
+                result = {"meta": json.dumps(meta), **{f"image:{k}": i.data for k, i in enumerate(o.images)}}
+            flat = flatten(fields)
+            self._finish(
+                keys=[Keys.job(o.job.id), Keys.result(o.job.id), Keys.stream(o.claimed.model), Keys.events(o.job.id)],
+                args=[o.claimed.stream_id, self.ttl, make_event("done", status=o.status), len(flat), *flat,
+                      *flatten(result)],
+                client=pipe,
+            )
+        return [bool(x) for x in pipe.execute()]
+
+    def drop(self, claimed: Claimed) -> None:
+        """Ack and delete an entry whose job must not run (already finished, or expired)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xack(Keys.stream(claimed.model), GROUP, claimed.stream_id)
+        pipe.xdel(Keys.stream(claimed.model), claimed.stream_id)
+        pipe.execute()
+
+    def dead_letter(self, job: Job, reason: str) -> None:
+        self.r.xadd(Keys.DEAD, {"job": job.id, "model": job.model, "reason": reason}, maxlen=10000)
+
+    def heartbeat(self, models: list[str], ttl_s: float, engines: dict[str, dict] | None = None) -> None:
+        """Mark this worker live for each model; `engines` (model -> what it runs) is published
+        beside it so the API can show which engine serves each model."""
+        now = time.time()
+        pipe = self.r.pipeline(transaction=False)
+        for model in models:
+            pipe.zadd(Keys.workers(model), {self.worker_id: now})
+            pipe.zremrangebyscore(Keys.workers(model), "-inf", now - 10 * ttl_s)
+            if engines and model in engines:
+                pipe.hset(Keys.engines(model), self.worker_id, json.dumps(engines[model], sort_keys=True))
+        pipe.execute()
+
+    def leave(self, models: list[str]) -> None:
+        for model in models:
+            self.r.zrem(Keys.workers(model), self.worker_id)
+            self.r.hdel(Keys.engines(model), self.worker_id)
+
+    def live_workers(self, model: str, ttl_s: float) -> int:
+        return self.r.zcount(Keys.workers(model), time.time() - ttl_s, "+inf")
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _claimed(model: str, sid, fields: dict, reclaimed: bool = False) -> Claimed:
+    get = lambda k: fields.get(k.encode(), fields.get(k))  # noqa: E731  bytes or str keys
+    return Claimed(model, _text(sid), _text(get("job")), int(get("images") or 1), reclaimed)
