@@ -222,6 +222,7 @@ class Worker:
         if failures.is_engine_failure(exc):
             log.warning("batch of %d jobs hit an engine failure (%s); releasing them for retry", len(live), error)
             retry = [m for m in live if m.job.attempts < self.settings.max_attempts]
+            self._hold([c for c in self._holding if all(c is not m.claimed for m in retry)])  # before release
             self.queue.requeue([(m.job, m.claimed) for m in retry], error, self.idle_ms)
             self._give_up([m for m in live if m not in retry], error, failures.ENGINE_ERROR)
         elif len(live) > 1:
