@@ -13,13 +13,23 @@ import torch
 
 from service.config import ROOT
 from training.evaluate import eval_cases, shuffled_cases, validate_scorer
-from training.shapes import COLORS, HELD_OUT, SHAPES, caption, random_scene
+from training.shapes import COLORS, HELD_OUT, SHAPES, caption, random_scene, render
 from training.vocab import words
 
 
 def test_scorer_reads_rendered_scenes_at_least_99_percent():
     result = validate_scorer(None, n=384)["rendered"]
     assert min(result.values()) >= 0.99, result
+
+
+def test_non_square_scenes_render_and_score_relative_to_width_and_height():
+    for size in ((64, 128), (128, 96), (96, 64)):
+        result = validate_scorer(None, n=64, size=size)["rendered"]
+        assert min(result.values()) >= 0.99, (size, result)
+    scene = random_scene(random.Random(1))
+    square = render(scene, 64, random.Random(2))
+    assert np.array_equal(square, render(scene, (64, 64), random.Random(2)))  # square unchanged
+    assert render(scene, (96, 64)).shape == (64, 96, 3)  # (width, height) -> [height, width, 3]
 
 
 def test_training_captions_use_the_vocabulary_and_never_a_held_out_pair():
@@ -84,6 +94,11 @@ def test_mmdit_trainer_smoke_exports_a_model_diffusers_and_our_engine_both_run(t
     run(*common, "--export", str(tmp_path / "model"))
     training = json.loads((tmp_path / "model" / "training.json").read_text())
     assert training["step"] == 4 and training["t5_sequence_length"] == 0
+    # Several sizes: one bank per size, batches of one size each.
+    sized = [a if a != str(tmp_path / "run") else str(tmp_path / "sized") for a in common]
+    run(*sized, "--steps", "3", "--sizes", "64x64", "64x96", "--bank", "16")
+    banks = torch.load(tmp_path / "sized" / "banks.pt", weights_only=False)
+    assert banks[(64, 96)]["latents"].shape[-2:] == (24, 16)  # height 96 / 4, width 64 / 4
     # A later session continues from the shipped weights.
     later = [a if a != str(tmp_path / "run") else str(tmp_path / "run2") for a in common]
     assert "initialised from" in run(*later, "--steps", "1", "--init-model", str(tmp_path / "model"))

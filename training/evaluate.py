@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from training.scorer import Detection, score_image
-from training.shapes import (COLORS, HELD_OUT, NEUTRALS, OPPOSITE, POSITIONS, SHAPES, SIZES, Obj,
+from training.shapes import (COLORS, HELD_OUT, OPPOSITE, POSITIONS, SHAPES, SIZES, Obj,
                              Scene, describe, random_background, random_scene, render)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,13 +120,13 @@ def load_model(model_id: str, registry: Path):
 
 
 def generate(model, prompts: list[str], seeds: list[int], sampler: str, steps: int, guidance: float,
-             batch: int = 16) -> np.ndarray:
+             batch: int = 16, size: tuple[int, int] = (64, 64)) -> np.ndarray:
     from engines.tasks.txt2img import ImageRequest, Txt2ImgBatch, run
 
     out = []
     for i in range(0, len(prompts), batch):
         rows = [ImageRequest(p, "", s, guidance) for p, s in zip(prompts[i : i + batch], seeds[i : i + batch])]
-        out.append(run(model, Txt2ImgBatch(64, 64, sampler, steps, rows)).numpy())
+        out.append(run(model, Txt2ImgBatch(size[0], size[1], sampler, steps, rows)).numpy())
     return np.concatenate(out)
 
 
@@ -141,7 +141,7 @@ def mean_pairwise(images: np.ndarray) -> float:
     return float(np.mean(dists))
 
 
-def data_diversity(prompt: str, k: int, rng: random.Random) -> float:
+def data_diversity(prompt: str, k: int, rng: random.Random, size: tuple[int, int] = (64, 64)) -> float:
     """The same figure for rendered scenes that fit a loosely specified prompt."""
     words = prompt.split()
     color = next(w for w in words if w in COLORS)
@@ -151,26 +151,28 @@ def data_diversity(prompt: str, k: int, rng: random.Random) -> float:
     images = []
     for _ in range(k):
         obj = Obj(shape, color, size or rng.choice(SIZES), position or rng.choice(POSITIONS))
-        images.append(render(Scene((obj,), random_background(rng, (obj,))), 64, rng))
+        images.append(render(Scene((obj,), random_background(rng, (obj,))), size, rng))
     return mean_pairwise(np.stack(images))
 
 
-def evaluate(model, model_id: str, sampler: str, steps: int, guidance: float, n: int) -> dict:
+def evaluate(model, model_id: str, sampler: str, steps: int, guidance: float, n: int,
+             size: tuple[int, int] = (64, 64)) -> dict:
     cases = eval_cases(n)
     started = time.time()
-    images = generate(model, [c.prompt for c in cases], [c.seed for c in cases], sampler, steps, guidance)
+    images = generate(model, [c.prompt for c in cases], [c.seed for c in cases], sampler, steps, guidance,
+                      size=size)
     verdicts = [judge(c, score_image(img)) for c, img in zip(cases, images)]
     result = summarize(cases, verdicts)
     k, rng = 8, random.Random(99)
     gen_div, data_div = [], []
     for j, prompt in enumerate(DIVERSITY_PROMPTS):
-        imgs = generate(model, [prompt] * k, [1000 * j + s for s in range(k)], sampler, steps, guidance)
+        imgs = generate(model, [prompt] * k, [1000 * j + s for s in range(k)], sampler, steps, guidance, size=size)
         gen_div.append(mean_pairwise(imgs))
-        data_div.append(data_diversity(prompt, k, rng))
+        data_div.append(data_diversity(prompt, k, rng, size))
     result["diversity"] = round(float(np.mean(gen_div)), 4)
     result["diversity_data"] = round(float(np.mean(data_div)), 4)
     result["diversity_ratio"] = round(result["diversity"] / result["diversity_data"], 3)
-    result.update(model=model_id, sampler=sampler, steps=steps, guidance_scale=guidance,
+    result.update(model=model_id, size=f"{size[0]}x{size[1]}", sampler=sampler, steps=steps, guidance_scale=guidance,
                   seconds=round(time.time() - started, 1))
     return result
 
@@ -179,11 +181,11 @@ def evaluate(model, model_id: str, sampler: str, steps: int, guidance: float, n:
 
 
 @torch.no_grad()
-def validate_scorer(vae_dir: Path | None, n: int = 512) -> dict:
+def validate_scorer(vae_dir: Path | None, n: int = 512, size: tuple[int, int] = (64, 64)) -> dict:
     """Scorer accuracy on rendered ground truth and (with a VAE) on its reconstructions."""
     rng = random.Random(5)
     scenes = [random_scene(rng, two_objects=0.3) for _ in range(n)]
-    images = np.stack([render(s, 64, rng) for s in scenes])
+    images = np.stack([render(s, size, rng) for s in scenes])
     sets = {"rendered": images}
     if vae_dir is not None:
         from diffusers import AutoencoderKL
@@ -216,6 +218,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--n", type=int, default=256)
+    parser.add_argument("--size", default="64x64", help="WxH")
     parser.add_argument("--validate-scorer", action="store_true")
     parser.add_argument("--vae", type=Path)
     parser.add_argument("--out", type=Path, help="write the JSON result here")
@@ -227,8 +230,10 @@ def main() -> None:
 
         spec = load_registry(args.registry).get(args.model)
         model = load_model(spec.id, args.registry)
+        width, height = (int(v) for v in args.size.lower().split("x"))
         result = evaluate(model, spec.id, args.sampler or spec.defaults.sampler, args.steps or spec.defaults.steps,
-                          spec.defaults.guidance_scale if args.guidance is None else args.guidance, args.n)
+                          spec.defaults.guidance_scale if args.guidance is None else args.guidance, args.n,
+                          (width, height))
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

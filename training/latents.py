@@ -2,6 +2,7 @@
 
 Scenes and captions come from a seeded generator (held-out pairs never appear); latents are
 the posterior means, multiplied by the VAE's scaling factor, as the denoisers see them.
+A multi-size bank holds one such bank per (width, height).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from training.shapes import caption, random_scene, render
 
 
 @torch.no_grad()
-def build_bank(vae_dir: Path, n: int, seed: int = 1, chunk: int = 256) -> dict:
+def build_bank(vae_dir: Path, n: int, seed: int = 1, chunk: int = 256, size: tuple[int, int] = (64, 64)) -> dict:
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
     rng = random.Random(seed)
     latents, captions = [], []
@@ -25,7 +26,7 @@ def build_bank(vae_dir: Path, n: int, seed: int = 1, chunk: int = 256) -> dict:
         images = []
         for _ in range(min(chunk, n - start)):
             text, scene = caption(random_scene(rng), rng)
-            images.append(render(scene, 64, rng))
+            images.append(render(scene, size, rng))
             captions.append(text)
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -43,3 +44,17 @@ def load_or_build(path: Path, vae_dir: Path, n: int, seed: int = 1) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(bank, path)
     return bank
+
+
+def load_or_build_sizes(path: Path, vae_dir: Path, counts: dict[tuple[int, int], int], seed: int = 1) -> dict:
+    """{(width, height): bank}, each size with its own seeded scenes; built once, then loaded."""
+    banks = torch.load(path, weights_only=False) if path.exists() else {}
+    missing = [size for size, n in counts.items() if len(banks.get(size, {}).get("captions", [])) < n]
+    for size in missing:
+        w, h = size
+        banks[size] = build_bank(vae_dir, counts[size], seed=seed * 1_000_003 + w * 1000 + h, size=size)
+        print(f"bank {w}x{h}: {counts[size]} latents", flush=True)
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(banks, path)
+    return {size: banks[size] for size in counts}

@@ -9,8 +9,10 @@ size and position, read from pixels alone.
 - shape: the shape whose template, drawn by the renderer itself at the object's centroid and
   at the scale its area implies, overlaps the object's alpha best (soft IoU, over a few
   sub-pixel shifts and scales), so slightly blurred corners don't turn a square into a circle;
-- size: the radius the area implies for that shape, against the midpoint of the two sizes;
-- position: the nearest anchor to the alpha-weighted centroid.
+- size: the radius the area implies for that shape, as a fraction of the shorter side, against
+  the midpoint of the two sizes;
+- position: the nearest anchor to the alpha-weighted centroid, as fractions of width and height
+  (so non-square images read as the renderer drew them).
 """
 
 from __future__ import annotations
@@ -56,26 +58,26 @@ class Detection:
     objects: tuple[Obj, ...]
 
 
-def _template(shape: str, cx: float, cy: float, r: float, side: int) -> np.ndarray:
+def _template(shape: str, cx: float, cy: float, r: float, width: int, height: int) -> np.ndarray:
     """The renderer's own drawing of `shape`, centroid at (cx, cy) px, as alpha in [0, 1]."""
     scale = 4
-    image = Image.new("L", (side * scale, side * scale), 0)  # coverage only, no colors
+    image = Image.new("L", (width * scale, height * scale), 0)  # coverage only, no colors
     draw = ImageDraw.Draw(image)
     dy = _CENTROID_DY[shape] * r
     _draw_shape(draw, shape, cx * scale, (cy - dy) * scale, r * scale)
-    return np.asarray(image.resize((side, side), Image.Resampling.BOX), dtype=np.float64) / 255
+    return np.asarray(image.resize((width, height), Image.Resampling.BOX), dtype=np.float64) / 255
 
 
 def _classify_shape(alpha: np.ndarray, cx: float, cy: float) -> tuple[str, float]:
     """(best shape, its radius in px) by soft IoU against rendered templates."""
-    side = alpha.shape[0]
+    height, width = alpha.shape
     area = float(alpha.sum())
     best = ("circle", 0.0, -1.0)
     for shape in _AREA_PER_R2:
         r0 = np.sqrt(area / _AREA_PER_R2[shape])
         for k in (0.94, 1.0, 1.06):
             for ox, oy in ((0, 0), (-0.4, 0), (0.4, 0), (0, -0.4), (0, 0.4)):
-                t = _template(shape, cx + ox, cy + oy, r0 * k, side)
+                t = _template(shape, cx + ox, cy + oy, r0 * k, width, height)
                 iou = np.minimum(alpha, t).sum() / max(np.maximum(alpha, t).sum(), 1e-9)
                 if iou > best[2]:
                     best = (shape, r0 * k, iou)
@@ -84,7 +86,8 @@ def _classify_shape(alpha: np.ndarray, cx: float, cy: float) -> tuple[str, float
 
 def score_image(image: np.ndarray, max_objects: int = 2) -> Detection:
     """Read the background and up to `max_objects` objects (largest first) from uint8 [H, W, 3]."""
-    side = image.shape[0]
+    height, width = image.shape[:2]
+    side = min(height, width)
     lab = rgb_to_lab(image)
     border = np.concatenate([lab[:2].reshape(-1, 3), lab[-2:].reshape(-1, 3),
                              lab[:, :2].reshape(-1, 3), lab[:, -2:].reshape(-1, 3)])
@@ -97,7 +100,7 @@ def score_image(image: np.ndarray, max_objects: int = 2) -> Detection:
         return Detection(background, ())
     sizes = ndimage.sum_labels(np.ones_like(distance), labels, index=np.arange(1, count + 1))
     order = np.argsort(-sizes)
-    ys, xs = np.mgrid[0:side, 0:side]
+    ys, xs = np.mgrid[0:height, 0:width]
     objects = []
     for index in order[:max_objects]:
         if sizes[index] < 0.004 * side * side:  # specks are not objects
@@ -114,7 +117,7 @@ def score_image(image: np.ndarray, max_objects: int = 2) -> Detection:
         cy, cx = (alpha * ys).sum() / alpha.sum() + 0.5, (alpha * xs).sum() / alpha.sum() + 0.5
         shape, radius = _classify_shape(alpha, cx, cy)
         size = "small" if radius / side < _SIZE_SPLIT else "large"
-        cx, cy = cx / side, cy / side
+        cx, cy = cx / width, cy / height
         position = min(ANCHORS, key=lambda p: (ANCHORS[p][0] - cx) ** 2 + (ANCHORS[p][1] - cy) ** 2)
         objects.append(Obj(shape, color, size, position))
     return Detection(background, tuple(objects))

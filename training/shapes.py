@@ -32,11 +32,12 @@ SIZES = ("small", "large")
 POSITIONS = ("left", "right", "top", "bottom", "center")
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
-# Object centres and radii as fractions of the image side.
+# Object centres as fractions of the image's width and height; radii as fractions of its
+# shorter side (so shapes keep their proportions on non-square images).
 ANCHORS = {"left": (0.24, 0.5), "right": (0.76, 0.5), "top": (0.5, 0.24), "bottom": (0.5, 0.76),
            "center": (0.5, 0.5)}
 RADIUS = {"small": 0.11, "large": 0.19}
-JITTER = 0.03  # centre jitter, fraction of the side
+JITTER = 0.03  # centre jitter, fraction of the width / height
 
 HELD_OUT = frozenset({("red", "star"), ("green", "circle"), ("blue", "triangle"), ("yellow", "square")})
 
@@ -93,19 +94,27 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(_star(cx, cy, r * 1.15), fill=fill)
 
 
-def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> np.ndarray:
-    """uint8 [size, size, 3]. `rng` jitters object centres (None: exact anchors)."""
+Size = int | tuple[int, int]  # a side, or (width, height)
+
+
+def width_height(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def render(scene: Scene, size: Size = 64, rng: random.Random | None = None) -> np.ndarray:
+    """uint8 [height, width, 3]. `rng` jitters object centres (None: exact anchors)."""
     scale = 4
-    side = size * scale
-    image = Image.new("RGB", (side, side), scene.background_rgb())
+    width, height = width_height(size)
+    w, h = width * scale, height * scale
+    image = Image.new("RGB", (w, h), scene.background_rgb())
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         fx, fy = ANCHORS[obj.position]
         if rng is not None:
             fx += rng.uniform(-JITTER, JITTER)
             fy += rng.uniform(-JITTER, JITTER)
-        draw_shape(draw, obj.shape, fx * side, fy * side, RADIUS[obj.size] * side, COLORS[obj.color])
-    return np.asarray(image.resize((size, size), Image.Resampling.BOX))
+        draw_shape(draw, obj.shape, fx * w, fy * h, RADIUS[obj.size] * min(w, h), COLORS[obj.color])
+    return np.asarray(image.resize((width, height), Image.Resampling.BOX))
 
 
 # ---------------------------------------------------------------- sampling scenes
@@ -181,7 +190,7 @@ def caption(scene: Scene, rng: random.Random) -> tuple[str, Scene]:
     return text, Scene(objects, background)
 
 
-def training_example(rng: random.Random, size: int = 64) -> tuple[np.ndarray, str]:
+def training_example(rng: random.Random, size: Size = 64) -> tuple[np.ndarray, str]:
     text, scene = caption(random_scene(rng), rng)
     return render(scene, size, rng), text
 

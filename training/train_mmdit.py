@@ -3,6 +3,8 @@ encoders, by rectified flow with logit-normal timesteps (Esser et al. 2024, sec.
 
     python -m training.train_mmdit --vae models/shapes-vae --out runs/shapes-mmdit --minutes 45
     python -m training.train_mmdit --vae models/shapes-vae --out runs/shapes-mmdit --export models/shapes-mmdit
+    python -m training.train_mmdit --out runs/shapes-mmdit-ms --init-model models/shapes-mmdit \
+        --sizes 64x64 64x96 64x128 96x64 96x96 96x128 128x64 128x96 128x128 --lr 2e-4   # several sizes
 
 x_t = (1 - t) x0 + t eps, the network predicts v = eps - x0; t = sigmoid(n), n ~ N(0, 1).
 Captions are dropped (replaced by "") 10% of the time for classifier-free guidance. The text
@@ -23,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from engines.components import text_engine
 from engines.conditioning import encode_mmdit
-from training.latents import load_or_build
+from training.latents import load_or_build, load_or_build_sizes
 from training.loop import denoiser_args, fit, load_ema, parse
 from training.vocab import build_tokenizer
 
@@ -69,11 +71,22 @@ def train(args) -> None:
     tokenizer, net = build(args)
     if args.init_model and not (args.out / "checkpoint.pt").exists():
         init_from_model(net, args.init_model)
-    bank = load_or_build(args.out / "bank.pt", args.vae, args.bank)
-    latents, captions = bank["latents"].float(), bank["captions"]
+    if args.sizes == [(64, 64)]:
+        banks = {(64, 64): load_or_build(args.out / "bank.pt", args.vae, args.bank)}
+    else:  # the first size keeps the full bank; the others a quarter each
+        counts = {size: args.bank if k == 0 else max(1, args.bank // 4) for k, size in enumerate(args.sizes)}
+        banks = load_or_build_sizes(args.out / "banks.pt", args.vae, counts)
+    banks = {size: (bank["latents"].float(), bank["captions"]) for size, bank in banks.items()}
+    sizes = list(banks)
 
     def loss_on_batch(rng: random.Random) -> torch.Tensor:
-        idx = [rng.randrange(len(captions)) for _ in range(args.batch)]
+        # One size per batch (a batch's latents share a shape). The first size gets a quarter
+        # of the batches (all of them when it is the only one); batches hold about as many
+        # tokens as a 64x64 batch of --batch, so a step costs about the same at every size.
+        size = sizes[0] if len(sizes) == 1 or rng.random() < 0.25 else rng.choice(sizes[1:])
+        latents, captions = banks[size]
+        n = max(8, round(args.batch * 64 * 64 / (size[0] * size[1])))
+        idx = [rng.randrange(len(captions)) for _ in range(n)]
         texts = [captions[i] if rng.random() >= args.drop else "" for i in idx]
         return loss_fn(net, tokenizer, latents[idx], texts)
 
@@ -105,9 +118,16 @@ def export(args) -> None:
     (args.export / "training.json").write_text(json.dumps({
         "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "batch": args.batch,
         "lr": args.lr, "layers": args.layers, "width": args.width, "text_width": args.text_width,
-        "t5_sequence_length": T5_TOKENS, "shift": args.shift,
+        "t5_sequence_length": T5_TOKENS, "shift": args.shift, "sizes": [f"{w}x{h}" for w, h in args.sizes],
     }, indent=2))
     print(f"exported step {step} to {args.export}")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    width, height = (int(v) for v in text.lower().split("x"))
+    return width, height
+
+
 
 
 def main() -> None:
@@ -116,6 +136,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--shift", type=float, default=1.0, help="the exported scheduler's time shift")
     parser.add_argument("--half", action="store_true", help="export the transformer and text encoders in fp16")
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(64, 64)],
+                        help="training sizes WxH, the first the main one (e.g. 64x64 64x96 ... 128x128)")
     args = parse(parser)
     export(args) if args.export else train(args)
 
