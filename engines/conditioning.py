@@ -22,6 +22,10 @@ class Conditioning:
     embeds: torch.Tensor  # [B, tokens, dim]
     pooled: torch.Tensor | None = None  # [B, dim] (MMDiT)
 
+    def select(self, index: torch.Tensor) -> "Conditioning":
+        """The rows `index` picks (a bool mask or indices)."""
+        return Conditioning(self.embeds[index], None if self.pooled is None else self.pooled[index])
+
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])

@@ -2,7 +2,8 @@
 
 Like k-diffusion's `external.py`: a network predicting eps, v or a flow velocity at a
 discrete or continuous time is wrapped so samplers only ever see sigmas and clean estimates.
-Each wrapper also says how sampler space relates to the model's latents.
+`sigma` is a [B] tensor: each row at its own noise level. Each wrapper also says how sampler
+space relates to the model's latents.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 
+from engines.sampling.rows import append_dims
 from engines.schedules import vp_alphas_cumprod, vp_sigmas
 
 # (model input, model timestep, conditioning) -> raw network output
@@ -45,19 +47,19 @@ class DiscreteVPDenoiser:
         w = (log_sigma.reshape(-1) - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
         return (lo + w).reshape(sigma.shape)
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, t: torch.Tensor | None = None) -> torch.Tensor:
+        if t is None:
+            t = self.sigma_to_t(sigma.to(self.sigmas.device)).to(x.device)
+        t = t.expand(x.shape[0])
+        sigma = append_dims(sigma, x.dim())
         c_in = (sigma**2 + 1) ** -0.5
-        t = self.sigma_to_t(sigma).expand(x.shape[0])
         out = self.net(x * c_in, t, cond)
         if self.prediction_type == "epsilon":
             return x - sigma * out
         return x / (sigma**2 + 1) - out * sigma * c_in  # v-prediction (Salimans & Ho 2022)
 
-    def noise_to_x(self, noise: torch.Tensor, sigma_max: torch.Tensor) -> torch.Tensor:
-        return noise * (sigma_max**2 + 1) ** 0.5
-
     def x_to_latents(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        return x * (sigma**2 + 1) ** -0.5
+        return x * append_dims((sigma**2 + 1) ** -0.5, x.dim())
 
 
 @dataclass
@@ -67,13 +69,10 @@ class FlowDenoiser:
     net: Net
     num_train_timesteps: int = 1000
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any) -> torch.Tensor:
-        t = (sigma * self.num_train_timesteps).expand(x.shape[0])
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any, t: torch.Tensor | None = None) -> torch.Tensor:
+        t = (sigma * self.num_train_timesteps).expand(x.shape[0])  # what the flow schedulers feed
         velocity = self.net(x, t, cond)
-        return x - sigma * velocity
-
-    def noise_to_x(self, noise: torch.Tensor, sigma_max: torch.Tensor) -> torch.Tensor:
-        return noise
+        return x - append_dims(sigma, x.dim()) * velocity
 
     def x_to_latents(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return x

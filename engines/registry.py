@@ -31,9 +31,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engines.sampler_catalog import CATALOG, family_samplers
+
 FAMILIES = {"ldm", "mmdit"}
-# Which samplers each family can run (engines.sampling implements them).
-FAMILY_SAMPLERS = {"ldm": {"ddim", "euler"}, "mmdit": {"flow_euler"}}
 KNOWN_TASKS = ("txt2img", "img2img", "inpaint", "superres", "video")
 ENGINES = ("torch", "onnxruntime", "tensorrt")  # engines.backends; "auto" picks among them
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -50,6 +50,7 @@ class Defaults:
     guidance_scale: float
     width: int
     height: int
+    schedule: str = "default"
 
 
 @dataclass(frozen=True)
@@ -107,14 +108,17 @@ def _spec(entry: dict, root: Path) -> ModelSpec:
     unknown = [t for t in tasks if t not in KNOWN_TASKS]
     if unknown:
         raise RegistryError(f"{model_id}: unknown tasks {unknown}")
-    samplers = tuple(entry.get("samplers", sorted(FAMILY_SAMPLERS[family])))
-    bad = set(samplers) - FAMILY_SAMPLERS[family]
+    # Every model serves its family's whole set: a listed sampler must be one of them.
+    samplers = family_samplers(family)
+    bad = set(entry.get("samplers", ())) - set(samplers)
     if bad:
         raise RegistryError(f"{model_id}: samplers {sorted(bad)} do not fit family {family}")
     defaults = Defaults(**entry["defaults"])
     limits = Limits(**entry.get("limits", {}))
     if defaults.sampler not in samplers:
         raise RegistryError(f"{model_id}: default sampler {defaults.sampler!r} not in {samplers}")
+    if defaults.schedule not in CATALOG[defaults.sampler].schedules:
+        raise RegistryError(f"{model_id}: default schedule {defaults.schedule!r} does not fit {defaults.sampler}")
     for side in (defaults.width, defaults.height):
         if side % limits.size_multiple or not limits.min_size <= side <= limits.max_size:
             raise RegistryError(f"{model_id}: default size {side} breaks its own limits")

@@ -1,15 +1,42 @@
-"""Noise schedules as pure functions: each returns the sigmas a sampler walks, last entry last.
+"""Noise schedules: the sigmas each sampler walks, as the diffusers scheduler of that name does.
 
 Sigmas are in the k-diffusion convention (x = x0 + sigma * eps for VP models, where
 sigma = sqrt((1 - alpha_bar) / alpha_bar); x = (1 - sigma) * x0 + sigma * noise for rectified
-flow). The spacing rules follow the diffusers schedulers of the same names, read from the
-model's own `scheduler_config.json`, so a checkpoint samples here as it does in diffusers.
+flow). A `Schedule` is plain data: what a row needs to walk from noise to its sample.
+
+Why the diffusers schedulers compute them: `steps` must mean what diffusers'
+`num_inference_steps` means for each scheduler, and every scheduler has its own rules
+(DDIM's prev_timestep, DPM-Solver's linspace over n + 1 points, Euler's interpolation in t,
+Heun's interleaving, SD3's shift), and users compare our images with diffusers' seed for
+seed. A scheduler object is built once per (config, sampler, schedule, steps), asked for its
+timesteps and sigmas, and never stepped: the sampling itself is engines.sampling's pure
+functions over per-row state, which is what lets rows of one batch sit at different steps.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
+
+from engines.sampler_catalog import CATALOG, SCHEDULE_OPTIONS
+
+class ScheduleError(ValueError):
+    """A sampler and schedule combination diffusers does not define."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    sigmas: torch.Tensor  # [steps + 1]: where each step starts, then where the last one ends
+    # Where each step lands, when the scheduler lands somewhere else than the next step's start
+    # (DDIM steps to t - num_train_timesteps // steps, which the next listed timestep need not be).
+    targets: torch.Tensor
+    noise_scale: float  # the first sample is noise * noise_scale (diffusers' init_noise_sigma, in our space)
+    # The network's timestep at each of `sigmas[:-1]`, as the scheduler feeds it (DPM-Solver with
+    # Karras sigmas rounds it, so it is not always a function of sigma); None: derived from sigma.
+    timesteps: torch.Tensor | None = None
 
 
 def vp_alphas_cumprod(config: dict) -> torch.Tensor:
@@ -30,65 +57,51 @@ def vp_sigmas(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
 
-def _spaced_timesteps(config: dict, steps: int, integer: bool) -> np.ndarray:
-    """Training timesteps visited by `steps` sampling steps, highest first (diffusers' spacings)."""
-    n = config.get("num_train_timesteps", 1000)
-    spacing = config.get("timestep_spacing", "leading")
-    if spacing == "leading":
-        ts = (np.arange(0, steps) * (n // steps)).round()[::-1].astype(np.float64)
-        ts += config.get("steps_offset", 0)
-    elif spacing == "trailing":
-        ts = np.round(np.arange(n, 0, -n / steps)) - 1
-    elif spacing == "linspace":
-        ts = np.linspace(0, n - 1, steps)[::-1]
-        ts = ts.round() if integer else ts
+def scheduler_class(sampler: str):
+    """The diffusers scheduler class `sampler` follows, and the options it implies."""
+    import diffusers
+
+    info = CATALOG[sampler]
+    return getattr(diffusers, info.scheduler), dict(info.fixed)
+
+
+def make_schedule(config: dict, sampler: str, steps: int, schedule: str = "default") -> Schedule:
+    """The schedule of `sampler` with `steps` steps for a model whose scheduler config is `config`."""
+    if schedule not in CATALOG[sampler].schedules:
+        raise ScheduleError(f"sampler {sampler} has no {schedule!r} schedule (it has: "
+                            f"{', '.join(CATALOG[sampler].schedules)})")
+    return _cached(json.dumps(config, sort_keys=True, default=str), sampler, steps, schedule)
+
+
+@lru_cache(maxsize=256)
+def _cached(config_json: str, sampler: str, steps: int, schedule: str) -> Schedule:
+    cls, fixed = scheduler_class(sampler)
+    config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
+    scheduler = cls.from_config(config, **fixed, **SCHEDULE_OPTIONS[schedule])
+    scheduler.set_timesteps(steps)
+    if sampler == "ddim":
+        return _ddim(scheduler, steps)
+    sigmas = scheduler.sigmas.float().cpu()
+    timesteps = torch.as_tensor(scheduler.timesteps).float().cpu()
+    if sampler in ("heun", "flow_heun"):  # [s0, s1, s1, ..., s_{N-1}, s_{N-1}, 0] -> one per step
+        sigmas = torch.cat([sigmas[:1], sigmas[1::2]])
+        timesteps = torch.cat([timesteps[:1], timesteps[1::2]])
+    if sampler.startswith("flow_"):
+        noise_scale = 1.0
+    elif sampler.startswith("dpmpp"):  # its sample space is VP: x_vp = noise
+        noise_scale = float((sigmas[0] ** 2 + 1) ** 0.5)
     else:
-        raise ValueError(f"unsupported timestep_spacing {spacing!r}")
-    return ts.copy()
+        noise_scale = float(scheduler.init_noise_sigma)
+    return Schedule(sigmas, sigmas[1:].clone(), noise_scale, None if sampler.startswith("flow_") else timesteps)
 
 
-def ddim_sigmas(config: dict, steps: int) -> torch.Tensor:
-    """The sigmas DDIM (eta = 0) visits, ending where diffusers' DDIMScheduler ends.
-
-    Deterministic DDIM is Euler's method on the probability-flow ODE in x / sqrt(alpha_bar)
-    (Song et al. 2021; Karras et al. 2022, sec. 3), so it needs only this schedule. Its last
-    step lands on alpha_bar = 1 (sigma 0) or, with set_alpha_to_one=False as in SD 1.x, on
-    alpha_bar_0 (a small positive sigma).
-    """
-    table = vp_sigmas(vp_alphas_cumprod(config))
-    ts = torch.from_numpy(_spaced_timesteps(config, steps, integer=True)).long()
-    last = 0.0 if config.get("set_alpha_to_one", True) else float(table[0])
-    return torch.cat([table[ts], torch.tensor([last])])
-
-
-def euler_sigmas(config: dict, steps: int) -> torch.Tensor:
-    """The sigmas of diffusers' EulerDiscreteScheduler (interpolated in t), with a trailing zero."""
-    table = vp_sigmas(vp_alphas_cumprod(config)).numpy()
-    ts = _spaced_timesteps(config, steps, integer=False)
-    sigmas = np.interp(ts, np.arange(len(table)), table).astype(np.float32)
-    return torch.cat([torch.from_numpy(sigmas), torch.zeros(1)])
-
-
-def flow_sigmas(config: dict, steps: int) -> torch.Tensor:
-    """Shifted rectified-flow times (SD3, Esser et al. 2024, eq. 23), as FlowMatchEulerDiscreteScheduler.
-
-    t' = shift * t / (1 + (shift - 1) * t), on a linear grid from 1 to the scheduler's smallest
-    training sigma; a trailing zero.
-    """
-    unsupported = ("use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas",
-                   "use_beta_sigmas", "invert_sigmas", "stochastic_sampling", "shift_terminal")
-    for key in unsupported:
-        if config.get(key):
-            raise ValueError(f"flow scheduler option {key} is not supported")
-    n = config.get("num_train_timesteps", 1000)
-    shift = config.get("shift", 1.0)
-
-    def shifted(t):
-        return shift * t / (1 + (shift - 1) * t)
-
-    sigma_min = shifted(1.0 / n)  # the smallest of the shifted training sigmas
-    ts = np.linspace(1.0, sigma_min, steps)
-    return torch.cat([torch.from_numpy(shifted(ts).astype(np.float32)), torch.zeros(1)])
-
-
-SCHEDULES = {"ddim": ddim_sigmas, "euler": euler_sigmas, "flow_euler": flow_sigmas}
+def _ddim(scheduler, steps: int) -> Schedule:
+    alphas = scheduler.alphas_cumprod.float()
+    ts = scheduler.timesteps.long()
+    prev = ts - scheduler.config.num_train_timesteps // steps
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)
+    a_prev = torch.where(prev >= 0, alphas[prev.clamp(min=0)], final)
+    starts = vp_sigmas(alphas[ts])
+    targets = vp_sigmas(a_prev)
+    sigmas = torch.cat([starts, targets[-1:]])
+    return Schedule(sigmas, targets, float((starts[0] ** 2 + 1) ** 0.5), ts.float())  # VP space: x_vp = noise

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from engines.registry import KNOWN_TASKS, load_registry
+from engines.sampler_catalog import CATALOG
 from service.config import Settings, load_settings
 from service.metrics import ApiExporter
 from service.queue import TERMINAL, ApiQueue, Job, QueueFull, StoredImage
@@ -44,6 +45,9 @@ def job_body(job: Job, images: list[StoredImage] | None = None) -> dict:
         "model": job.model,
         "task": job.task,
         "progress": {"step": job.progress_step, "total": job.progress_total or job.request.get("steps", 0)},
+        "sampler": job.request.get("sampler"),
+        "schedule": job.request.get("schedule", "default"),
+        "steps": job.request.get("steps"),
         "error": job.error,
         "warnings": job.warnings,
         "created_at": job.created_at,
@@ -58,6 +62,8 @@ def job_body(job: Job, images: list[StoredImage] | None = None) -> dict:
         body["timings"] = job.timings
     if job.batch_size:
         body["batch"] = {"size": job.batch_size}
+    if job.denoiser_calls:
+        body["denoiser_calls"] = job.denoiser_calls
     return body
 
 
@@ -240,7 +246,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             out.append({
                 "id": spec.id, "family": spec.family, "description": spec.description,
                 "default": spec.id == registry.default, "tasks": list(spec.tasks),
-                "samplers": list(spec.samplers), "defaults": vars(spec.defaults),
+                "samplers": {name: {"schedules": list(CATALOG[name].schedules),
+                                    "aliases": list(CATALOG[name].aliases),
+                                    "stochastic": CATALOG[name].stochastic} for name in spec.samplers},
+                "defaults": vars(spec.defaults),
                 "limits": {**vars(spec.limits), "max_images": 8},
                 # The registry's choice, and what live workers actually run (env overrides, auto).
                 "engine": spec.engine, "precision": spec.precision, "live_workers": workers,

@@ -19,6 +19,7 @@ from typing import Any, Callable, Hashable
 import torch
 
 from engines.model import LoadedModel
+from engines.sampler_catalog import CATALOG
 from engines.tasks import txt2img
 
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
@@ -45,10 +46,19 @@ class Txt2ImgParams:
     guidance_scale: float
     seed: int
     output_format: str
+    schedule: str = "default"
+    eta: float = 0.0
 
     def compatibility_key(self) -> Hashable:
-        """What must agree for jobs to share engine calls (prompts, seeds, scales may differ)."""
-        return (self.width, self.height, self.sampler, self.steps)
+        """What must agree for jobs to share a batch (prompts, seeds, scales, eta may differ).
+        Rows of any sampler or schedule could share calls (engines.sampling is per row);
+        they are kept apart until the step-level scheduler lets rows leave at their own end."""
+        return (self.width, self.height, self.sampler, self.schedule, self.steps)
+
+    @property
+    def denoiser_calls(self) -> int:
+        """Network evaluations per image (Heun's N steps are 2N - 1; guidance rows not counted)."""
+        return CATALOG[self.sampler].calls(self.steps)
 
     def seeds(self) -> list[int]:
         """Image k uses seed + k (wrapping at 2**32), as the API documents."""
@@ -75,6 +85,7 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
         num_images=_get(request, "num_images", int, 1), steps=_get(request, "steps", int),
         sampler=_get(request, "sampler", str), guidance_scale=_get(request, "guidance_scale", float),
         seed=_get(request, "seed", int), output_format=_get(request, "output_format", str, "png"),
+        schedule=_get(request, "schedule", str, "default"), eta=_get(request, "eta", float, 0.0),
     )
     checks = [
         ("width", params.width > 0, "must be positive"),
@@ -83,6 +94,9 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
         ("steps", params.steps >= 1, "must be at least 1"),
         ("sampler", params.sampler in model.spec.samplers,
          f"{params.sampler!r} is not one of {', '.join(model.spec.samplers)}"),
+        ("schedule", params.sampler not in CATALOG or params.schedule in CATALOG[params.sampler].schedules,
+         f"{params.schedule!r} is not a schedule of {params.sampler}"),
+        ("eta", 0 <= params.eta <= 1, "must be in 0..1"),
         ("guidance_scale", math.isfinite(params.guidance_scale) and params.guidance_scale >= 0,
          "must be a finite number >= 0"),
         ("seed", 0 <= params.seed < 2**32, "must be in 0..2**32-1"),
@@ -96,7 +110,8 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
 
 def run_txt2img(model: LoadedModel, jobs: list[Txt2ImgParams], on_step: StepCallback | None) -> torch.Tensor:
     first = jobs[0]
-    rows = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale)
+    rows = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
+                                 p.schedule, p.eta)
             for p in jobs for seed in p.seeds()]
     batch = txt2img.Txt2ImgBatch(first.width, first.height, first.sampler, first.steps, rows)
     return txt2img.run(model, batch, on_step)

@@ -20,7 +20,11 @@ class GenerateRequest(BaseModel):
     height: int | None = Field(None, ge=1)
     num_images: int = Field(1, ge=1, le=8)
     steps: int | None = Field(None, ge=1)
-    sampler: str | None = None
+    sampler: str | None = Field(None, description="A sampler of the model's family, by its name or an alias "
+                                "(e.g. euler_a, 'DPM++ 2M'); the canonical name is reported.")
+    schedule: str | None = Field(None, description="default | leading | trailing | linspace | karras | exponential, "
+                                 "where the sampler's diffusers scheduler defines it.")
+    eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM's eta (0: deterministic). ddim only.")
     guidance_scale: float | None = Field(None, ge=0.0)
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random if omitted; image k uses seed + k.")
     output_format: Literal["png", "webp", "jpeg"] = "png"
@@ -40,11 +44,15 @@ class JobOut(BaseModel):
     model: str | None = None
     task: str | None = None
     progress: dict | None = None
+    sampler: str | None = None  # canonical name
+    schedule: str | None = None
+    steps: int | None = None
     error: str | None = None
     warnings: list[str] = []
     images: list[ImageOut] | None = None
     timings: dict | None = None
     batch: dict | None = None
+    denoiser_calls: int | None = None
     created_at: float | None = None
 
 

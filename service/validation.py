@@ -6,6 +6,7 @@ import secrets
 from dataclasses import dataclass
 
 from engines.prompts import check_prompt
+from engines.sampler_catalog import CATALOG, canonical
 from engines.registry import ModelSpec, Registry
 from service.schemas import GenerateRequest
 
@@ -46,9 +47,16 @@ def resolve(req: GenerateRequest, registry: Registry) -> Resolved:
     steps = req.steps or d.steps
     if steps > lim.max_steps:
         raise invalid("steps", f"steps must be at most {lim.max_steps} for model {spec.id}, got {steps}")
-    sampler = req.sampler or d.sampler
+    sampler = canonical(req.sampler, spec.family) if req.sampler else d.sampler
     if sampler not in spec.samplers:
-        raise invalid("sampler", f"sampler must be one of {', '.join(spec.samplers)} for model {spec.id}, got {sampler!r}")
+        raise invalid("sampler", f"sampler must be one of {', '.join(spec.samplers)} (or an alias) for model "
+                                 f"{spec.id}, got {req.sampler!r}")
+    schedule = req.schedule or (d.schedule if sampler == d.sampler else "default")
+    if schedule not in CATALOG[sampler].schedules:
+        raise invalid("schedule", f"sampler {sampler} takes schedule {', '.join(CATALOG[sampler].schedules)}, "
+                                  f"got {schedule!r}")
+    if req.eta is not None and sampler != "ddim":
+        raise invalid("eta", f"eta is DDIM's; sampler {sampler} does not take it")
     guidance = d.guidance_scale if req.guidance_scale is None else req.guidance_scale
     if guidance > lim.max_guidance_scale:
         raise invalid("guidance_scale", f"guidance_scale must be at most {lim.max_guidance_scale}, got {guidance}")
@@ -76,6 +84,8 @@ def resolve(req: GenerateRequest, registry: Registry) -> Resolved:
         "num_images": req.num_images,
         "steps": steps,
         "sampler": sampler,
+        "schedule": schedule,
+        "eta": req.eta or 0.0,
         "guidance_scale": guidance,
         "seed": secrets.randbelow(2**32) if req.seed is None else req.seed,
         "output_format": req.output_format,

@@ -211,7 +211,7 @@ class Worker:
                 "total_s": round(finished_at - job.created_at, 4),
             }
             outcomes.append(Outcome(job, member.claimed, "succeeded", None, images, {
-                "timings": timings, "batch_size": batch.rows,
+                "timings": timings, "batch_size": batch.rows, "denoiser_calls": p.denoiser_calls,
                 "progress_step": p.steps, "progress_total": p.steps}))
         self._finish(outcomes, inference_s=inference_s)
 

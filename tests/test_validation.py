@@ -24,6 +24,11 @@ GOOD = dict(prompt="a red circle", steps=2)
     ({"steps": 0}, "steps"),
     ({"steps": 51}, "steps"),
     ({"sampler": "ddim"}, "sampler"),  # an eps sampler for the flow model
+    ({"sampler": "dpmpp_2m"}, "sampler"),
+    ({"sampler": "flow_heun", "schedule": "karras"}, "schedule"),  # FlowMatchHeun has no Karras sigmas
+    ({"schedule": "cosine"}, "schedule"),
+    ({"eta": 0.5}, "eta"),  # DDIM's, not flow Euler's
+    ({"eta": 2}, "eta"),
     ({"guidance_scale": -1}, "guidance_scale"),
     ({"guidance_scale": 31}, "guidance_scale"),
     ({"seed": -1}, "seed"),
@@ -72,3 +77,22 @@ def test_queue_over_its_limit_is_429_with_retry_after(api):
     for response in ids:  # cancelling frees the places
         assert api.delete(f"/v1/jobs/{response.json()['id']}").status_code == 200
     assert generate(api, wait=False, model="limited", **GOOD).status_code == 202
+
+
+def test_sampler_aliases_resolve_and_the_job_reports_the_canonical_name_and_calls(api, worker):
+    job = generate(api, model="tiny-ldm", prompt="a star", steps=3, sampler="Euler a", seed=1).json()
+    assert job["status"] == "succeeded", job
+    assert job["sampler"] == "euler_ancestral" and job["schedule"] == "default" and job["steps"] == 3
+    assert job["denoiser_calls"] == 3
+    heun = generate(api, model="tiny-mmdit", prompt="a star", steps=3, sampler="heun").json()
+    assert heun["sampler"] == "flow_heun" and heun["denoiser_calls"] == 5  # N steps: 2N - 1 calls
+    karras = generate(api, model="tiny-ldm", prompt="a star", steps=3, sampler="DPM++ 2M", schedule="karras").json()
+    assert karras["status"] == "succeeded" and karras["sampler"] == "dpmpp_2m" and karras["schedule"] == "karras"
+
+
+def test_models_list_samplers_with_their_schedules(api):
+    models = {m["id"]: m for m in api.get("/v1/models").json()["models"]}
+    ldm = models["tiny-ldm"]["samplers"]
+    assert set(ldm) == {"ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"}
+    assert "karras" in ldm["euler"]["schedules"] and "karras" not in ldm["ddim"]["schedules"]
+    assert set(models["tiny-mmdit"]["samplers"]) == {"flow_euler", "flow_heun"}

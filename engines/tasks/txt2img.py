@@ -1,4 +1,5 @@
-"""Text to image over a batch of images that share size, sampler and step count."""
+"""Text to image over a batch of images of one size; each image its own prompt, seed,
+guidance, sampler, schedule and step count (rows share each denoiser call regardless)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ import torch
 from engines.guidance import guided
 from engines.model import LoadedModel
 from engines.noise import StackedGenerator
-from engines.sampling import SAMPLERS
-from engines.schedules import SCHEDULES
+from engines.sampling import Row, sample, start
+from engines.schedules import make_schedule
 
 
 @dataclass(frozen=True)
 class ImageRequest:
-    """One image of a batch: its own prompt, seed and guidance."""
+    """One image of a batch: its own prompt, seed, guidance and sampling."""
 
     prompt: str
     negative_prompt: str
     seed: int
     guidance_scale: float
+    sampler: str = ""  # canonical name; "" means the batch's
+    steps: int = 0  # 0 means the batch's
+    schedule: str = "default"
+    eta: float = 0.0  # DDIM's eta
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,24 @@ class Txt2ImgBatch:
 StepCallback = Callable[[int, int], None]  # (steps done, total); may raise to abort
 
 
-def initial_noise(model: LoadedModel, batch: Txt2ImgBatch) -> torch.Tensor:
+def initial_noise(model: LoadedModel, batch: Txt2ImgBatch, generators: StackedGenerator | None = None) -> torch.Tensor:
     """Standard-normal latents, one seeded generator per image (so batch-mates don't matter)."""
     f = model.vae_scale_factor
     shape = (model.latent_channels, batch.height // f, batch.width // f)
-    return StackedGenerator([image.seed for image in batch.images]).randn(shape)
+    return (generators or StackedGenerator([image.seed for image in batch.images])).randn(shape)
+
+
+def start_rows(model: LoadedModel, batch: Txt2ImgBatch, noise: torch.Tensor | None = None) -> list[Row]:
+    """Each image's row at step 0. Its generator drew its initial noise and goes on to draw
+    any noise its sampler needs, in diffusers' order (one generator per image)."""
+    generators = StackedGenerator([image.seed for image in batch.images])
+    noise = initial_noise(model, batch, generators) if noise is None else noise
+    rows = []
+    for k, image in enumerate(batch.images):
+        sampler = image.sampler or batch.sampler
+        schedule = make_schedule(model.scheduler_config, sampler, image.steps or batch.steps, image.schedule)
+        rows.append(start(noise[k].to(model.device), schedule, sampler, generators.generators[k], image.eta))
+    return rows
 
 
 @torch.inference_mode()
@@ -56,16 +74,24 @@ def run(
     uncond = model.encode_prompts([image.negative_prompt for image in batch.images])
     scales = torch.tensor([image.guidance_scale for image in batch.images], device=model.device)
 
-    # 2. Initial latents from each image's own seed, scaled to the first sigma.
-    sigmas = SCHEDULES[batch.sampler](model.scheduler_config, batch.steps)
-    noise = (initial_noise(model, batch) if noise is None else noise).to(model.device)
-    x = model.denoiser.noise_to_x(noise, sigmas[0])
+    # 2. Initial latents from each image's own seed, scaled to its schedule's first sigma.
+    rows = start_rows(model, batch, noise)
+    total = max(row.steps for row in rows)
 
-    # 3. Sample: one engine call per step for the whole batch (both guidance rows included).
+    # 3. Sample: one engine call per iteration for every unfinished row (guidance rows included).
     denoise = guided(model.denoiser, cond, uncond, scales)
-    step_done = None if on_step is None else (lambda i, _x0: on_step(i + 1, batch.steps))
-    x = SAMPLERS[batch.sampler](denoise, x, sigmas, on_step=step_done)
+    reported = [0]
+
+    def on_call(rows: list[Row], _x0: torch.Tensor) -> None:
+        done = min(row.step for row in rows)
+        if on_step is not None and done > reported[0]:
+            reported[0] = done
+            on_step(done, total)
+
+    rows = sample(denoise, rows, on_call)
 
     # 4. Decode latents to pixels.
-    images = model.decode_latents(model.denoiser.x_to_latents(x, sigmas[-1]))
+    x = torch.stack([row.x for row in rows])
+    end = torch.tensor([float(row.schedule.sigmas[-1]) for row in rows], device=x.device)
+    images = model.decode_latents(model.denoiser.x_to_latents(x, end))
     return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -24,6 +24,7 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     worker: str | None = None
     batch_size: int | None = None
+    denoiser_calls: int | None = None  # network evaluations per image
     timings: dict[str, float] | None = None
     stream_id: str | None = None
     last_error: str | None = None  # the error of a failed attempt that will be retried
@@ -35,7 +36,7 @@ class Job:
 
 _JSON_FIELDS = {"request", "warnings", "timings"}
 _FLOAT_FIELDS = {"created_at", "started_at", "finished_at"}
-_INT_FIELDS = {"attempts", "progress_step", "progress_total", "batch_size"}
+_INT_FIELDS = {"attempts", "progress_step", "progress_total", "batch_size", "denoiser_calls"}
 
 
 def encode_job(job: Job) -> dict[str, str]:

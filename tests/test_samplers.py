@@ -1,0 +1,174 @@
+"""Samplers: each one's final latents equal the diffusers scheduler it follows (same network,
+noise, steps and generators), rows at different steps share calls exactly, and the catalog's
+schedule table says what diffusers' schedulers really take."""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import diffusers
+import pytest
+import torch
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from engines.denoisers import DiscreteVPDenoiser, FlowDenoiser
+from engines.sampler_catalog import CATALOG, SCHEDULE_OPTIONS, canonical
+from engines.sampling import call_inputs, sample, start, step_rows
+from engines.schedules import ScheduleError, make_schedule
+from service.config import ROOT
+
+MODELS = ROOT / "models"
+SEEDS = [3, 11]
+
+
+def conds(c: torch.Tensor, n: int, shared: bool) -> torch.Tensor:
+    """Each row's own conditioning, or row 0's for every row (rows then differ only in noise)."""
+    return c[:1].expand(n, *c.shape[1:]) if shared else c[:n]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+class VP:
+    """tiny-ldm's UNet, called by diffusers' loop and wrapped by our denoiser alike."""
+
+    def __init__(self, **overrides):
+        self.unet = UNet2DConditionModel.from_pretrained(MODELS / "tiny-ldm" / "unet").eval()
+        config = json.loads((MODELS / "tiny-ldm" / "scheduler" / "scheduler_config.json").read_text())
+        self.config = {**config, **overrides}
+        self.cond = torch.randn(len(SEEDS), 8, self.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+        self.shape = (4, 8, 8)
+
+    def net(self, x, t, cond):
+        return self.unet(x, t, encoder_hidden_states=cond).sample
+
+    def denoiser(self, shared: bool = False):
+        vp = DiscreteVPDenoiser.from_scheduler_config(self.net, self.config)
+        return lambda x, sigma, t=None: vp(x, sigma, conds(self.cond, len(x), shared), t)
+
+    def to_latents(self, rows):
+        x = torch.stack([r.x for r in rows])
+        end = torch.tensor([float(r.schedule.sigmas[-1]) for r in rows])
+        return x * ((end**2 + 1) ** -0.5).view(-1, 1, 1, 1)
+
+
+class Flow:
+    def __init__(self, **overrides):
+        self.net_ = SD3Transformer2DModel.from_pretrained(MODELS / "tiny-mmdit" / "transformer").eval()
+        config = json.loads((MODELS / "tiny-mmdit" / "scheduler" / "scheduler_config.json").read_text())
+        self.config = {**config, **overrides}
+        g = torch.Generator().manual_seed(0)
+        c = self.net_.config
+        self.cond = torch.randn(len(SEEDS), 8, c.joint_attention_dim, generator=g)
+        self.pooled = torch.randn(len(SEEDS), c.pooled_projection_dim, generator=g)
+        self.shape = (c.in_channels, 8, 8)
+
+    def net(self, x, t, cond):
+        embeds, pooled = cond if isinstance(cond, tuple) else (self.cond[: len(x)], self.pooled[: len(x)])
+        return self.net_(hidden_states=x, timestep=t, encoder_hidden_states=embeds, pooled_projections=pooled).sample
+
+    def denoiser(self, shared: bool = False):
+        flow = FlowDenoiser(self.net)
+        return lambda x, sigma, t=None: flow(x, sigma, (conds(self.cond, len(x), shared),
+                                                         conds(self.pooled, len(x), shared)), t)
+
+    def to_latents(self, rows):
+        return torch.stack([r.x for r in rows])
+
+
+def diffusers_loop(model, sampler: str, steps: int, schedule: str, eta: float) -> torch.Tensor:
+    """The scheduler's own loop, as a pipeline runs it, with one generator per image."""
+    info = CATALOG[sampler]
+    cls = getattr(diffusers, info.scheduler)
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    scheduler = cls.from_config(config, **dict(info.fixed), **SCHEDULE_OPTIONS[schedule])
+    scheduler.set_timesteps(steps)
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    latents = randn_tensor((len(SEEDS), *model.shape), generator=generators) * getattr(scheduler, "init_noise_sigma", 1.0)
+    extra = {"eta": eta} if sampler == "ddim" else {}
+    if "generator" in inspect.signature(scheduler.step).parameters:
+        extra["generator"] = generators
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        t_in = t.expand(len(SEEDS)) if torch.is_tensor(t) else torch.full((len(SEEDS),), t)
+        out = model.net(model_in, t_in, model.cond)
+        latents = scheduler.step(out, t, latents, **extra).prev_sample
+    return latents
+
+
+def our_rows(model, sampler: str, steps: int, schedule: str, eta: float):
+    generators = [torch.Generator().manual_seed(s) for s in SEEDS]
+    sched = make_schedule(model.config, sampler, steps, schedule)
+    return [start(torch.randn(model.shape, generator=g), sched, sampler, g, eta) for g in generators]
+
+
+CASES = [
+    ("ddim", 12, "default", 0.0), ("ddim", 10, "trailing", 0.0), ("ddim", 8, "linspace", 1.0),
+    ("euler", 10, "default", 0.0), ("euler", 9, "karras", 0.0), ("euler", 8, "trailing", 0.0),
+    ("euler", 7, "exponential", 0.0),
+    ("euler_ancestral", 10, "default", 0.0), ("euler_ancestral", 8, "linspace", 0.0),
+    ("heun", 6, "default", 0.0), ("heun", 5, "karras", 0.0),
+    ("dpmpp_2m", 10, "default", 0.0), ("dpmpp_2m", 20, "karras", 0.0), ("dpmpp_2m", 8, "trailing", 0.0),
+    ("dpmpp_2m_sde", 10, "default", 0.0), ("dpmpp_2m_sde", 12, "karras", 0.0),
+    ("flow_euler", 10, "default", 0.0), ("flow_euler", 8, "karras", 0.0),
+    ("flow_heun", 6, "default", 0.0),
+]
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"vp": VP(), "flow": Flow()}
+
+
+@pytest.mark.parametrize("sampler,steps,schedule,eta", CASES, ids=[f"{c[0]}-{c[2]}-{c[1]}" for c in CASES])
+def test_each_sampler_matches_its_diffusers_scheduler(models, sampler, steps, schedule, eta):
+    model = models[CATALOG[sampler].family]
+    with torch.no_grad():
+        expected = diffusers_loop(model, sampler, steps, schedule, eta)
+        rows = sample(model.denoiser(), our_rows(model, sampler, steps, schedule, eta))
+    ours = model.to_latents(rows)
+    assert rel_err(ours, expected) < 1e-4, rel_err(ours, expected)
+    assert all(r.calls == CATALOG[sampler].calls(steps) for r in rows)
+    # Sensitive: the other image's latents differ completely.
+    assert rel_err(ours[0], expected[1]) > 0.1
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "euler_ancestral", "flow_heun"])
+def test_rows_at_different_steps_share_a_call_as_if_each_ran_alone(models, sampler):
+    """Row 0 runs 3 calls alone first; then both rows run together to the end."""
+    model = models[CATALOG[sampler].family]
+    denoise = model.denoiser(shared=True)
+    with torch.no_grad():
+        alone = [sample(denoise, [row])[0] for row in our_rows(model, sampler, 8, "default", 0.0)]
+        rows = our_rows(model, sampler, 8, "default", 0.0)
+        for _ in range(3):
+            rows[:1] = sample_calls(denoise, rows[:1], 1)
+        assert rows[0].calls == 3 and rows[1].calls == 0
+        together = sample(denoise, rows)
+    for a, b in zip(alone, together):
+        assert rel_err(b.x, a.x) < 1e-5
+
+
+def sample_calls(denoise, rows, n):
+    for _ in range(n):
+        rows = step_rows(rows, denoise(torch.stack([r.x for r in rows]), *call_inputs(rows)))
+    return rows
+
+
+def test_the_schedule_table_is_what_diffusers_schedulers_take():
+    for info in CATALOG.values():
+        accepted = inspect.signature(getattr(diffusers, info.scheduler).__init__).parameters
+        for name, options in SCHEDULE_OPTIONS.items():
+            assert (name in info.schedules) == all(k in accepted for k in options), (info.name, name)
+    with pytest.raises(ScheduleError, match="karras"):
+        make_schedule(VP().config, "ddim", 10, "karras")
+
+
+def test_aliases_resolve_per_family():
+    assert canonical("Euler a", "ldm") == "euler_ancestral"
+    assert canonical("DPM++ 2M SDE", "ldm") == "dpmpp_2m_sde"
+    assert canonical("euler", "mmdit") == "flow_euler" and canonical("euler", "ldm") == "euler"
+    assert canonical("dpmpp_2m", "mmdit") is None
