@@ -26,6 +26,17 @@ class Conditioning:
         """The rows `index` picks (a bool mask or indices)."""
         return Conditioning(self.embeds[index], None if self.pooled is None else self.pooled[index])
 
+    def rows(self) -> list["Conditioning"]:
+        """One Conditioning per row (each [tokens, dim] / [dim])."""
+        pooled = [None] * len(self.embeds) if self.pooled is None else list(self.pooled)
+        return [Conditioning(e, p) for e, p in zip(self.embeds, pooled)]
+
+    @staticmethod
+    def stack(rows: list["Conditioning"]) -> "Conditioning":
+        """The inverse of rows()."""
+        pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
+        return Conditioning(torch.stack([r.embeds for r in rows]), pooled)
+
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])

@@ -189,3 +189,11 @@ def load(spec: ModelSpec, *, engine: str = "", precision: str = "", device: str 
     log.info("%s: auto picked %s (denoiser call, seconds: %s)", spec.id, best,
              {k: round(v, 4) for k, v in seconds.items()})
     return kept if kept is not None and kept.engine == best else build_model(best)
+
+
+def load_with_guide(registry, spec: ModelSpec, **kwargs) -> LoadedModel:
+    """`load`, plus the registry's guide model (autoguidance) loaded the same way."""
+    model = load(spec, **kwargs)
+    if spec.guide is not None:
+        model.guide = load(registry.get(spec.guide), **kwargs)
+    return model

@@ -31,6 +31,7 @@ class LoadedModel:
     precision: str = "fp32"
     device: str = "cpu"
     components: dict = field(default_factory=dict)  # name -> Engine
+    guide: "LoadedModel | None" = None  # the registry's guide model, for autoguidance
 
 
 def load_tokenizers(spec: ModelSpec) -> list:

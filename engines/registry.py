@@ -17,7 +17,8 @@ Format (paths are relative to the manifest's directory unless absolute):
           "limits": {"min_size": 32, "max_size": 128, "size_multiple": 16,
                      "max_steps": 50, "max_guidance_scale": 30.0, "max_queue": 256},
           "engine": "torch", "precision": "fp32", "max_batch": 8,
-          "options": {"t5_sequence_length": 256}
+          "options": {"t5_sequence_length": 256},  # and APG's apg_momentum, apg_norm_threshold, apg_eta
+          "guide": "tiny-mmdit-guide"              # optional: the guide model for autoguidance
         }
       ]
     }
@@ -51,6 +52,7 @@ class Defaults:
     width: int
     height: int
     schedule: str = "default"
+    guidance: str = "cfg"  # cfg | autoguidance | apg | none
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class ModelSpec:
     precision: str = "fp32"
     max_batch: int = 8  # images per engine call
     options: dict = field(default_factory=dict)
+    guide: str | None = None  # registry id of the guide model for autoguidance (same family)
 
     def tokenizer_dirs(self) -> list[Path]:
         names = ["tokenizer"] if self.family == "ldm" else ["tokenizer", "tokenizer_2"]
@@ -140,6 +143,7 @@ def _spec(entry: dict, root: Path) -> ModelSpec:
         precision=precision,
         max_batch=int(entry.get("max_batch", 8)),
         options=dict(entry.get("options", {})),
+        guide=entry.get("guide"),
     )
 
 
@@ -155,6 +159,11 @@ def load_registry(manifest: str | Path) -> Registry:
         if spec.id in models:
             raise RegistryError(f"duplicate model id {spec.id!r}")
         models[spec.id] = spec
+    for spec in models.values():
+        if spec.guide is not None and (spec.guide not in models or models[spec.guide].family != spec.family):
+            raise RegistryError(f"{spec.id}: guide {spec.guide!r} must be a registry model of family {spec.family}")
+        if spec.defaults.guidance == "autoguidance" and spec.guide is None:
+            raise RegistryError(f"{spec.id}: default guidance autoguidance needs a guide model")
     default = data.get("default")
     if default not in models:
         raise RegistryError(f"default model {default!r} is not in the registry")

@@ -39,6 +39,7 @@ class BatchRecord:
     task: str
     images: int
     step_seconds: list[float]
+    denoiser_rows: int = 0  # network rows computed for the batch (guidance halves, guide calls)
 
 
 class WorkerExporter:
@@ -60,6 +61,9 @@ class WorkerExporter:
                                     labels, buckets=BATCH_BUCKETS, registry=registry)
         self.step = Histogram("latentserve_denoise_step_seconds", "Seconds per denoising step (whole batch)",
                               labels, buckets=STEP_BUCKETS, registry=registry)
+        self.denoiser_rows = Counter("latentserve_denoiser_rows_total",
+                                     "Network rows computed (over images generated: guidance's cost per image)",
+                                     labels, registry=registry)
         self.busy = Gauge("latentserve_worker_busy", "1 while the worker runs a batch",
                           registry=registry)
         cache_labels = ["model", "component", "kind"]
@@ -91,6 +95,7 @@ class WorkerExporter:
 
     def batch(self, rec: BatchRecord) -> None:
         self.batch_size.labels(rec.model, rec.task).observe(rec.images)
+        self.denoiser_rows.labels(rec.model, rec.task).inc(rec.denoiser_rows)
         for seconds in rec.step_seconds:
             self.step.labels(rec.model, rec.task).observe(seconds)
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Hashable
 
 import torch
 
+from engines.guidance import MODES
 from engines.model import LoadedModel
 from engines.sampler_catalog import CATALOG
 from engines.tasks import txt2img
@@ -48,6 +49,9 @@ class Txt2ImgParams:
     output_format: str
     schedule: str = "default"
     eta: float = 0.0
+    guidance: str = "cfg"
+    guidance_interval: tuple[float, float] | None = None
+    guidance_interval_fraction: tuple[float, float] | None = None
 
     def compatibility_key(self) -> Hashable:
         """What must agree for jobs to share a batch (prompts, seeds, scales, eta may differ).
@@ -76,6 +80,15 @@ def _get(request: dict, name: str, kind: type, default: Any = None) -> Any:
     return value
 
 
+def _pair(request: dict, name: str) -> tuple[float, float] | None:
+    value = request.get(name)
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+        raise JobInputError(name, "expected two numbers")
+    return float(value[0]), float(value[1])
+
+
 def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
     if not isinstance(request, dict):
         raise JobInputError("request", f"expected an object, got {type(request).__name__}")
@@ -86,6 +99,9 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
         sampler=_get(request, "sampler", str), guidance_scale=_get(request, "guidance_scale", float),
         seed=_get(request, "seed", int), output_format=_get(request, "output_format", str, "png"),
         schedule=_get(request, "schedule", str, "default"), eta=_get(request, "eta", float, 0.0),
+        guidance=_get(request, "guidance", str, "cfg"),
+        guidance_interval=_pair(request, "guidance_interval"),
+        guidance_interval_fraction=_pair(request, "guidance_interval_fraction"),
     )
     checks = [
         ("width", params.width > 0, "must be positive"),
@@ -97,6 +113,8 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
         ("schedule", params.sampler not in CATALOG or params.schedule in CATALOG[params.sampler].schedules,
          f"{params.schedule!r} is not a schedule of {params.sampler}"),
         ("eta", 0 <= params.eta <= 1, "must be in 0..1"),
+        ("guidance", params.guidance in MODES, f"must be one of {', '.join(MODES)}"),
+        ("guidance", params.guidance != "autoguidance" or model.guide is not None, "this model has no guide model"),
         ("guidance_scale", math.isfinite(params.guidance_scale) and params.guidance_scale >= 0,
          "must be a finite number >= 0"),
         ("seed", 0 <= params.seed < 2**32, "must be in 0..2**32-1"),
@@ -108,19 +126,20 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
     return params
 
 
-def run_txt2img(model: LoadedModel, jobs: list[Txt2ImgParams], on_step: StepCallback | None) -> torch.Tensor:
+def run_txt2img(model: LoadedModel, jobs: list[Txt2ImgParams], on_step: StepCallback | None,
+                stats: txt2img.RunStats | None = None) -> torch.Tensor:
     first = jobs[0]
     rows = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
-                                 p.schedule, p.eta)
+                                 p.schedule, p.eta, p.guidance, p.guidance_interval, p.guidance_interval_fraction)
             for p in jobs for seed in p.seeds()]
     batch = txt2img.Txt2ImgBatch(first.width, first.height, first.sampler, first.steps, rows)
-    return txt2img.run(model, batch, on_step)
+    return txt2img.run(model, batch, on_step, stats=stats)
 
 
 @dataclass(frozen=True)
 class Runner:
     parse: Callable[[Any, LoadedModel], Any]
-    run: Callable[[LoadedModel, list, StepCallback | None], torch.Tensor]
+    run: Callable[..., torch.Tensor]  # (model, params, on_step, stats: RunStats) -> uint8 pixels
 
 
 # task name -> runner. A job whose task is missing here fails at once (never retried).

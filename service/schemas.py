@@ -26,6 +26,14 @@ class GenerateRequest(BaseModel):
                                  "where the sampler's diffusers scheduler defines it.")
     eta: float | None = Field(None, ge=0.0, le=1.0, description="DDIM's eta (0: deterministic). ddim only.")
     guidance_scale: float | None = Field(None, ge=0.0)
+    guidance: Literal["cfg", "autoguidance", "apg", "none"] | None = Field(
+        None, description="cfg; autoguidance (a weaker guide model, Karras et al. 2024; models with a guide); "
+                          "apg (adaptive projected guidance, Sadat et al. 2024); none.")
+    guidance_interval: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[sigma_lo, sigma_hi]: guide only for sigma in (lo, hi] "
+                                                     "(Kynkaanniemi et al. 2024), in the model's sigma units.")
+    guidance_interval_fraction: list[float] | None = Field(
+        None, min_length=2, max_length=2, description="[start, end]: guide only the steps i with start <= i/N < end.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random if omitted; image k uses seed + k.")
     output_format: Literal["png", "webp", "jpeg"] = "png"
 

@@ -60,6 +60,17 @@ def resolve(req: GenerateRequest, registry: Registry) -> Resolved:
     guidance = d.guidance_scale if req.guidance_scale is None else req.guidance_scale
     if guidance > lim.max_guidance_scale:
         raise invalid("guidance_scale", f"guidance_scale must be at most {lim.max_guidance_scale}, got {guidance}")
+    mode = req.guidance or d.guidance
+    if mode == "autoguidance" and spec.guide is None:
+        raise invalid("guidance", f"model {spec.id} has no guide model for autoguidance")
+    interval, fraction = req.guidance_interval, req.guidance_interval_fraction
+    if interval is not None and fraction is not None:
+        raise invalid("guidance_interval_fraction", "give guidance_interval or guidance_interval_fraction, not both")
+    if interval is not None and not 0 <= interval[0] < interval[1]:
+        raise invalid("guidance_interval", f"guidance_interval must be [lo, hi] with 0 <= lo < hi, got {interval}")
+    if fraction is not None and not 0 <= fraction[0] < fraction[1] <= 1:
+        raise invalid("guidance_interval_fraction",
+                      f"guidance_interval_fraction must be [start, end] with 0 <= start < end <= 1, got {fraction}")
     if not req.prompt.strip():
         raise invalid("prompt", "prompt must not be blank")
 
@@ -87,6 +98,9 @@ def resolve(req: GenerateRequest, registry: Registry) -> Resolved:
         "schedule": schedule,
         "eta": req.eta or 0.0,
         "guidance_scale": guidance,
+        "guidance": mode,
+        "guidance_interval": interval,
+        "guidance_interval_fraction": fraction,
         "seed": secrets.randbelow(2**32) if req.seed is None else req.seed,
         "output_format": req.output_format,
     }

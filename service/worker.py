@@ -187,16 +187,17 @@ class Worker:
                 raise BatchStopped
             last[0] = time.perf_counter()
 
+        stats = txt2img.RunStats()
         started = time.perf_counter()
         try:
-            pixels = RUNNERS[batch.task].run(model, [m.params for m in batch.members], on_step).numpy()
+            pixels = RUNNERS[batch.task].run(model, [m.params for m in batch.members], on_step, stats).numpy()
         except BatchStopped:
             return
         except Exception as exc:
             self._failed(batch, exc)
             return
         inference_s = time.perf_counter() - started
-        self.exporter.batch(BatchRecord(batch.model, batch.task, batch.rows, step_times))
+        self.exporter.batch(BatchRecord(batch.model, batch.task, batch.rows, step_times, stats.denoiser_rows))
         finished_at = time.time()
         outcomes = []
         for member in batch.live():  # rows are read by each job's own range, fixed at build time
@@ -284,8 +285,8 @@ def main() -> None:
     models = {}
     for model_id in model_ids:
         started = time.perf_counter()
-        model = loader.load(
-            registry.get(model_id), engine=settings.engine, precision=settings.precision,
+        model = loader.load_with_guide(
+            registry, registry.get(model_id), engine=settings.engine, precision=settings.precision,
             device=settings.device, cache=cache, on_event=exporter.engine_lookup,
             threads=settings.torch_threads, cuda_graphs=bool(settings.cuda_graphs),
         )

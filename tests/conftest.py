@@ -112,7 +112,9 @@ def registry_path(tmp_path_factory) -> Path:
         model_entry("limited", MODELS / "tiny-mmdit", "mmdit", limits={"max_queue": 2}),
         model_entry("pair-mmdit", MODELS / "tiny-mmdit", "mmdit", max_batch=2),
         model_entry("huge-ldm", MODELS / "tiny-ldm", "ldm", limits={"max_size": 2048}),
-        model_entry("shapes-mmdit", MODELS / "shapes-mmdit", "mmdit", max_batch=16,
+        model_entry("shapes-mmdit", MODELS / "shapes-mmdit", "mmdit", max_batch=16, guide="shapes-mmdit-guide",
+                    options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
+        model_entry("shapes-mmdit-guide", MODELS / "shapes-mmdit-guide", "mmdit",
                     options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
     ]
     path.write_text(json.dumps({"default": "tiny-mmdit", "models": models}))

@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from engines.denoisers import DiscreteVPDenoiser, FlowDenoiser
 from engines.sampler_catalog import CATALOG, SCHEDULE_OPTIONS, canonical
+from engines.guidance import plain
 from engines.sampling import call_inputs, sample, start, step_rows
 from engines.schedules import ScheduleError, make_schedule
 from service.config import ROOT
@@ -128,7 +129,7 @@ def test_each_sampler_matches_its_diffusers_scheduler(models, sampler, steps, sc
     model = models[CATALOG[sampler].family]
     with torch.no_grad():
         expected = diffusers_loop(model, sampler, steps, schedule, eta)
-        rows = sample(model.denoiser(), our_rows(model, sampler, steps, schedule, eta))
+        rows = sample(plain(model.denoiser()), our_rows(model, sampler, steps, schedule, eta))
     ours = model.to_latents(rows)
     assert rel_err(ours, expected) < 1e-4, rel_err(ours, expected)
     assert all(r.calls == CATALOG[sampler].calls(steps) for r in rows)
@@ -142,12 +143,12 @@ def test_rows_at_different_steps_share_a_call_as_if_each_ran_alone(models, sampl
     model = models[CATALOG[sampler].family]
     denoise = model.denoiser(shared=True)
     with torch.no_grad():
-        alone = [sample(denoise, [row])[0] for row in our_rows(model, sampler, 8, "default", 0.0)]
+        alone = [sample(plain(denoise), [row])[0] for row in our_rows(model, sampler, 8, "default", 0.0)]
         rows = our_rows(model, sampler, 8, "default", 0.0)
         for _ in range(3):
             rows[:1] = sample_calls(denoise, rows[:1], 1)
         assert rows[0].calls == 3 and rows[1].calls == 0
-        together = sample(denoise, rows)
+        together = sample(plain(denoise), rows)
     for a, b in zip(alone, together):
         assert rel_err(b.x, a.x) < 1e-5
 

@@ -14,7 +14,7 @@ from PIL import Image
 from service.config import ROOT
 from training.evaluate import shuffled_cases, validate_scorer
 from training.scorer import score_image
-from tests.conftest import generate
+from tests.conftest import free_port, generate
 
 MODELS = ROOT / "models"
 
@@ -70,3 +70,33 @@ def test_service_draws_the_prompted_colors(api, start_worker):
             correct.append(obj.position in found and found[obj.position].color == obj.color
                            if case.kind == "two" else bool(det.objects) and det.objects[0].color == obj.color)
     assert np.mean(correct) >= 0.9, f"color accuracy {np.mean(correct):.2f} over {len(correct)} objects"
+
+
+def test_service_serves_guidance_modes_and_counts_their_rows(api, start_worker):
+    """Autoguidance with the registry's guide model, APG and a guidance interval through the
+    service; the worker's denoiser-row counter shows what each costs."""
+    worker = start_worker("shapes-mmdit", "guidance-worker", metrics_port=free_port(), fill_window_s=0)
+    prompt = "a large red circle in the center on a white background"
+
+    def rows_for(**body) -> float:
+        before = denoiser_rows(worker.metrics_port)
+        job = generate(api, model="shapes-mmdit", prompt=prompt, seed=1, steps=10, **body).json()
+        assert job["status"] == "succeeded", job
+        det = score_image(np.asarray(Image.open(io.BytesIO(base64.b64decode(job["images"][0]["data"])))))
+        assert det.objects and det.objects[0].color == "red", (body, det)
+        return denoiser_rows(worker.metrics_port) - before
+
+    assert rows_for(guidance="cfg") == 20
+    assert rows_for(guidance="autoguidance", guidance_scale=2.0) == 20  # 10 main + 10 guide rows
+    assert rows_for(guidance="apg", guidance_scale=6.0) == 20
+    assert rows_for(guidance_interval_fraction=[0.2, 0.7]) == 15  # guided in 5 of 10 steps
+    assert rows_for(guidance="none") == 10
+
+
+def denoiser_rows(port: int) -> float:
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "latentserve_denoiser_rows_total" and s.labels.get("model") == "shapes-mmdit")

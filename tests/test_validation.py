@@ -29,6 +29,12 @@ GOOD = dict(prompt="a red circle", steps=2)
     ({"schedule": "cosine"}, "schedule"),
     ({"eta": 0.5}, "eta"),  # DDIM's, not flow Euler's
     ({"eta": 2}, "eta"),
+    ({"guidance": "autoguidance"}, "guidance"),  # tiny-mmdit has no guide model
+    ({"guidance": "magic"}, "guidance"),
+    ({"guidance_interval": [0.5, 0.2]}, "guidance_interval"),
+    ({"guidance_interval": [0.5]}, "guidance_interval"),
+    ({"guidance_interval_fraction": [0.2, 1.5]}, "guidance_interval_fraction"),
+    ({"guidance_interval": [0.1, 0.5], "guidance_interval_fraction": [0.2, 0.5]}, "guidance_interval_fraction"),
     ({"guidance_scale": -1}, "guidance_scale"),
     ({"guidance_scale": 31}, "guidance_scale"),
     ({"seed": -1}, "seed"),

@@ -116,7 +116,8 @@ def load_model(model_id: str, registry: Path):
     from engines import loader
     from engines.registry import load_registry
 
-    return loader.load(load_registry(registry).get(model_id))
+    models = load_registry(registry)
+    return loader.load_with_guide(models, models.get(model_id))
 
 
 def generate(model, prompts: list[str], seeds: list[int], sampler: str, steps: int, guidance: float,

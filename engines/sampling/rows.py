@@ -4,11 +4,15 @@ batch, at any step. Plain data; step functions return new rows and never mutate 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from engines.schedules import Schedule
+
+if TYPE_CHECKING:
+    from engines.conditioning import Conditioning
+    from engines.guidance import Guidance
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,13 @@ class Row:
     generator: torch.Generator | None = None  # stochastic samplers draw this row's noise from it
     eta: float = 0.0  # DDIM's eta (0: deterministic)
     calls: int = 0  # denoiser calls so far
+    # What the denoiser is conditioned on, and how it is guided (engines.guidance): one row's
+    # embeddings each, so any set of rows can be assembled into a call.
+    cond: "Conditioning | None" = None
+    uncond: "Conditioning | None" = None
+    guide_cond: "Conditioning | None" = None  # the guide model's own encoding (autoguidance)
+    guidance: "Guidance | None" = None
+    apg: torch.Tensor | None = None  # APG's running average of the guidance update
 
     @property
     def steps(self) -> int:
@@ -44,11 +55,12 @@ def append_dims(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def start(noise: torch.Tensor, schedule: Schedule, sampler: str, generator: torch.Generator | None = None,
-          eta: float = 0.0) -> Row:
-    """A row at step 0: its noise scaled to the schedule's first sigma, as diffusers starts."""
+          eta: float = 0.0, **conditioning: Any) -> Row:
+    """A row at step 0: its noise scaled to the schedule's first sigma, as diffusers starts.
+    `conditioning`: cond, uncond, guide_cond, guidance (Row fields)."""
     t = None if schedule.timesteps is None else float(schedule.timesteps[0])
     return Row(noise * schedule.noise_scale, float(schedule.sigmas[0]), t, schedule, sampler,
-               generator=generator, eta=eta)
+               generator=generator, eta=eta, **conditioning)
 
 
 @dataclass(frozen=True)

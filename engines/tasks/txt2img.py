@@ -3,16 +3,17 @@ guidance, sampler, schedule and step count (rows share each denoiser call regard
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from engines.guidance import guided
+from engines.guidance import Guidance, evaluator, interval_from_fraction
 from engines.model import LoadedModel
 from engines.noise import StackedGenerator
 from engines.sampling import Row, sample, start
-from engines.schedules import make_schedule
+from engines.schedules import Schedule, make_schedule
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class ImageRequest:
     steps: int = 0  # 0 means the batch's
     schedule: str = "default"
     eta: float = 0.0  # DDIM's eta
+    guidance: str = "cfg"  # cfg | autoguidance | apg | none (engines.guidance)
+    guidance_interval: tuple[float, float] | None = None  # guided for sigma in (lo, hi]
+    guidance_interval_fraction: tuple[float, float] | None = None  # steps i with start <= i/N < end
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,11 @@ class Txt2ImgBatch:
 StepCallback = Callable[[int, int], None]  # (steps done, total); may raise to abort
 
 
+@dataclass
+class RunStats:
+    denoiser_rows: int = 0  # network rows computed (guidance halves and guide calls included)
+
+
 def initial_noise(model: LoadedModel, batch: Txt2ImgBatch, generators: StackedGenerator | None = None) -> torch.Tensor:
     """Standard-normal latents, one seeded generator per image (so batch-mates don't matter)."""
     f = model.vae_scale_factor
@@ -48,16 +57,37 @@ def initial_noise(model: LoadedModel, batch: Txt2ImgBatch, generators: StackedGe
     return (generators or StackedGenerator([image.seed for image in batch.images])).randn(shape)
 
 
+def guidance_of(model: LoadedModel, image: ImageRequest, schedule: Schedule) -> Guidance:
+    lo, hi = 0.0, math.inf
+    if image.guidance_interval is not None:
+        lo, hi = image.guidance_interval
+    elif image.guidance_interval_fraction is not None:
+        lo, hi = interval_from_fraction(schedule.sigmas, *image.guidance_interval_fraction)
+    apg = {k: float(v) for k, v in model.spec.options.items() if k.startswith("apg_")}
+    return Guidance(image.guidance, image.guidance_scale, lo, hi, **apg)
+
+
 def start_rows(model: LoadedModel, batch: Txt2ImgBatch, noise: torch.Tensor | None = None) -> list[Row]:
-    """Each image's row at step 0. Its generator drew its initial noise and goes on to draw
-    any noise its sampler needs, in diffusers' order (one generator per image)."""
+    """Each image's row at step 0, with its conditioning and guidance. Its generator drew its
+    initial noise and goes on to draw any noise its sampler needs, in diffusers' order (one
+    generator per image)."""
     generators = StackedGenerator([image.seed for image in batch.images])
     noise = initial_noise(model, batch, generators) if noise is None else noise
+    # 1. Conditions: every prompt and negative prompt, once for the batch.
+    cond = model.encode_prompts([image.prompt for image in batch.images]).rows()
+    uncond = model.encode_prompts([image.negative_prompt for image in batch.images]).rows()
+    guide_cond: list = [None] * len(batch.images)
+    if any(image.guidance == "autoguidance" for image in batch.images):
+        if model.guide is None:
+            raise ValueError(f"model {model.spec.id} has no guide model for autoguidance")
+        guide_cond = model.guide.encode_prompts([image.prompt for image in batch.images]).rows()
     rows = []
     for k, image in enumerate(batch.images):
         sampler = image.sampler or batch.sampler
         schedule = make_schedule(model.scheduler_config, sampler, image.steps or batch.steps, image.schedule)
-        rows.append(start(noise[k].to(model.device), schedule, sampler, generators.generators[k], image.eta))
+        rows.append(start(noise[k].to(model.device), schedule, sampler, generators.generators[k], image.eta,
+                          cond=cond[k], uncond=uncond[k], guide_cond=guide_cond[k],
+                          guidance=guidance_of(model, image, schedule)))
     return rows
 
 
@@ -67,28 +97,27 @@ def run(
     batch: Txt2ImgBatch,
     on_step: StepCallback | None = None,
     noise: torch.Tensor | None = None,
+    stats: RunStats | None = None,
 ) -> torch.Tensor:
     """Generate the batch; returns uint8 images [B, H, W, 3]."""
-    # 1. Conditions: every prompt and negative prompt, once for the batch.
-    cond = model.encode_prompts([image.prompt for image in batch.images])
-    uncond = model.encode_prompts([image.negative_prompt for image in batch.images])
-    scales = torch.tensor([image.guidance_scale for image in batch.images], device=model.device)
-
-    # 2. Initial latents from each image's own seed, scaled to its schedule's first sigma.
+    # 1-2. Conditions, and initial latents from each image's own seed at its first sigma.
     rows = start_rows(model, batch, noise)
     total = max(row.steps for row in rows)
 
     # 3. Sample: one engine call per iteration for every unfinished row (guidance rows included).
-    denoise = guided(model.denoiser, cond, uncond, scales)
+    counter = [0]
+    evaluate = evaluator(model.denoiser, None if model.guide is None else model.guide.denoiser, counter)
     reported = [0]
 
     def on_call(rows: list[Row], _x0: torch.Tensor) -> None:
-        done = min(row.step for row in rows)
+        done = min((row.step for row in rows if not row.done), default=total)
         if on_step is not None and done > reported[0]:
             reported[0] = done
             on_step(done, total)
 
-    rows = sample(denoise, rows, on_call)
+    rows = sample(evaluate, rows, on_call)
+    if stats is not None:
+        stats.denoiser_rows += counter[0]
 
     # 4. Decode latents to pixels.
     x = torch.stack([row.x for row in rows])
