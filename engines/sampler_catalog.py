@@ -19,6 +19,9 @@ SCHEDULE_OPTIONS: dict[str, dict] = {
     "linspace": {"timestep_spacing": "linspace"},
     "karras": {"use_karras_sigmas": True},
     "exponential": {"use_exponential_sigmas": True},
+    # Evenly spaced flow sigmas 1, 1 - 1/N, ..., 1/N given to the scheduler as custom sigmas:
+    # the fixed timesteps a few-step distilled (turbo) model was trained on.
+    "turbo": {},
 }
 _SPACINGS = ("default", "leading", "trailing", "linspace")
 _ALL = (*_SPACINGS, "karras", "exponential")
@@ -53,8 +56,10 @@ CATALOG: dict[str, SamplerInfo] = {s.name: s for s in (
     SamplerInfo("dpmpp_2m_sde", "vp", "DPMSolverMultistepScheduler", _ALL,
                 ("DPM++ 2M SDE", "k_dpmpp_2m_sde", "sde-dpmsolver++"),
                 fixed=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)), stochastic=True),
-    SamplerInfo("flow_euler", "flow", "FlowMatchEulerDiscreteScheduler", ("default", "karras", "exponential"),
+    SamplerInfo("flow_euler", "flow", "FlowMatchEulerDiscreteScheduler", ("default", "karras", "exponential", "turbo"),
                 ("euler", "FlowMatchEulerDiscreteScheduler")),
+    SamplerInfo("flow_lcm", "flow", "FlowMatchLCMScheduler", ("default", "karras", "exponential", "turbo"),
+                ("lcm", "consistency", "FlowMatchLCMScheduler"), stochastic=True),
     SamplerInfo("flow_heun", "flow", "FlowMatchHeunDiscreteScheduler", ("default",),
                 ("heun", "FlowMatchHeunDiscreteScheduler"), calls_per_step=2),
 )}

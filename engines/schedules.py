@@ -78,7 +78,10 @@ def _cached(config_json: str, sampler: str, steps: int, schedule: str) -> Schedu
     cls, fixed = scheduler_class(sampler)
     config = {k: v for k, v in json.loads(config_json).items() if not k.startswith("_")}
     scheduler = cls.from_config(config, **fixed, **SCHEDULE_OPTIONS[schedule])
-    scheduler.set_timesteps(steps)
+    if schedule == "turbo":
+        scheduler.set_timesteps(sigmas=[1 - k / steps for k in range(steps)])
+    else:
+        scheduler.set_timesteps(steps)
     if sampler == "ddim":
         return _ddim(scheduler, steps)
     sigmas = scheduler.sigmas.float().cpu()

@@ -101,4 +101,4 @@ def test_models_list_samplers_with_their_schedules(api):
     ldm = models["tiny-ldm"]["samplers"]
     assert set(ldm) == {"ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"}
     assert "karras" in ldm["euler"]["schedules"] and "karras" not in ldm["ddim"]["schedules"]
-    assert set(models["tiny-mmdit"]["samplers"]) == {"flow_euler", "flow_heun"}
+    assert set(models["tiny-mmdit"]["samplers"]) == {"flow_euler", "flow_heun", "flow_lcm"}

@@ -22,6 +22,7 @@ STEPS: dict[str, StepFn] = {
     "dpmpp_2m_sde": steps.dpmpp_2m_sde,
     "flow_euler": steps.euler,
     "flow_heun": steps.heun,
+    "flow_lcm": steps.flow_lcm,
 }
 assert set(STEPS) == set(CATALOG), "every catalogued sampler has a step function"
 SAMPLERS: dict[str, SamplerInfo] = CATALOG

@@ -119,3 +119,9 @@ def dpmpp_2m(g: Group, x0: torch.Tensor) -> list[Row]:
 
 def dpmpp_2m_sde(g: Group, x0: torch.Tensor) -> list[Row]:
     return _dpmpp_2m(g, x0, sde=True)
+
+
+def flow_lcm(g: Group, x0: torch.Tensor) -> list[Row]:
+    """Consistency multistep for flow models (FlowMatchLCMScheduler): jump to the denoised
+    estimate, then re-noise it to the target with fresh noise from the row's generator."""
+    return g.advance(g.d(1 - g.target) * x0 + g.d(g.target) * g.noise())
