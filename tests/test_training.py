@@ -139,3 +139,28 @@ def test_ldm_trainer_smoke_exports_a_model_the_sd_pipeline_runs(tmp_path):
     assert pipe.scheduler.config.beta_schedule == "linear"
     image = pipe("a blue star", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_ladd_trainer_smoke_distils_a_turbo_model_that_serves_with_the_turbo_schedule(tmp_path):
+    common = ["-m", "training.train_ladd", "--teacher", str(ROOT / "models" / "tiny-mmdit"),
+              "--out", str(tmp_path / "run"), "--data", "16", "--batch", "8", "--sizes", "64x64", "64x96"]
+    run(*common, "--steps", "2")
+    assert "from step 2" in run(*common, "--steps", "3")  # resumes (both optimizers)
+    run(*common, "--export", str(tmp_path / "model"))
+    training = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert training["step"] == 3 and training["turbo_steps"] == 4 and training["sizes"] == ["64x64", "64x96"]
+
+    from engines import loader
+    from engines.registry import load_registry
+    from engines.tasks.txt2img import ImageRequest, Txt2ImgBatch, run as txt2img
+
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"default": "t", "models": [{
+        "id": "t", "path": str(tmp_path / "model"), "family": "mmdit",
+        "defaults": {"sampler": "flow_euler", "schedule": "turbo", "steps": 4, "guidance_scale": 1.0,
+                     "guidance": "none", "width": 64, "height": 64},
+        "options": {"t5_sequence_length": 0}}]}))
+    model = loader.load(load_registry(registry).get("t"))
+    image = ImageRequest("a red circle", "", 1, 1.0, "flow_euler", 4, "turbo", guidance="none")
+    out = txt2img(model, Txt2ImgBatch(64, 96, "flow_euler", 4, [image]))
+    assert out.shape == (1, 96, 64, 3)
