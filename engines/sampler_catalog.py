@@ -56,6 +56,8 @@ CATALOG: dict[str, SamplerInfo] = {s.name: s for s in (
     SamplerInfo("dpmpp_2m_sde", "vp", "DPMSolverMultistepScheduler", _ALL,
                 ("DPM++ 2M SDE", "k_dpmpp_2m_sde", "sde-dpmsolver++"),
                 fixed=(("algorithm_type", "sde-dpmsolver++"), ("solver_order", 2)), stochastic=True),
+    SamplerInfo("unipc", "vp", "UniPCMultistepScheduler", _ALL, ("UniPC", "unipc_bh2", "UniPCMultistepScheduler"),
+                fixed=(("solver_type", "bh2"), ("predict_x0", True), ("solver_order", 2))),
     SamplerInfo("flow_euler", "flow", "FlowMatchEulerDiscreteScheduler", ("default", "karras", "exponential", "turbo"),
                 ("euler", "FlowMatchEulerDiscreteScheduler")),
     SamplerInfo("flow_lcm", "flow", "FlowMatchLCMScheduler", ("default", "karras", "exponential", "turbo"),

@@ -91,7 +91,7 @@ def _cached(config_json: str, sampler: str, steps: int, schedule: str) -> Schedu
         timesteps = torch.cat([timesteps[:1], timesteps[1::2]])
     if sampler.startswith("flow_"):
         noise_scale = 1.0
-    elif sampler.startswith("dpmpp"):  # its sample space is VP: x_vp = noise
+    elif sampler.startswith("dpmpp") or sampler == "unipc":  # their sample space is VP: x_vp = noise
         noise_scale = float((sigmas[0] ** 2 + 1) ** 0.5)
     else:
         noise_scale = float(scheduler.init_noise_sigma)

@@ -117,6 +117,7 @@ CASES = [
     ("heun", 6, "default", 0.0), ("heun", 5, "karras", 0.0),
     ("dpmpp_2m", 10, "default", 0.0), ("dpmpp_2m", 20, "karras", 0.0), ("dpmpp_2m", 8, "trailing", 0.0),
     ("dpmpp_2m_sde", 10, "default", 0.0), ("dpmpp_2m_sde", 12, "karras", 0.0),
+    ("unipc", 10, "default", 0.0), ("unipc", 12, "karras", 0.0), ("unipc", 3, "trailing", 0.0),
     ("flow_euler", 10, "default", 0.0), ("flow_euler", 8, "karras", 0.0),
     ("flow_heun", 6, "default", 0.0),
     ("flow_euler", 4, "turbo", 0.0), ("flow_lcm", 4, "turbo", 0.0), ("flow_lcm", 6, "default", 0.0),
@@ -141,7 +142,7 @@ def test_each_sampler_matches_its_diffusers_scheduler(models, sampler, steps, sc
     assert rel_err(ours[0], expected[1]) > 0.1
 
 
-@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "euler_ancestral", "flow_heun"])
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "unipc", "euler_ancestral", "flow_heun"])
 def test_rows_at_different_steps_share_a_call_as_if_each_ran_alone(models, sampler):
     """Row 0 runs 3 calls alone first; then both rows run together to the end."""
     model = models[CATALOG[sampler].family]

@@ -41,7 +41,11 @@ def setups():
     return out
 
 
-CASES = [(m, s, 0.0) for m, fam in (("shapes-ldm", "ldm"), ("shapes-mmdit", "mmdit")) for s in family_samplers(fam)]
+# StableDiffusion3Pipeline does not hand its generators to scheduler.step, so flow_lcm's
+# per-step noise there comes from torch's global RNG: no seed can match it. Our flow_lcm equals
+# FlowMatchLCMScheduler stepped with the generators (tests/test_samplers.py).
+CASES = [(m, s, 0.0) for m, fam in (("shapes-ldm", "ldm"), ("shapes-mmdit", "mmdit")) for s in family_samplers(fam)
+         if s != "flow_lcm"]
 CASES.append(("shapes-ldm", "ddim", 0.7))
 
 

@@ -99,6 +99,6 @@ def test_sampler_aliases_resolve_and_the_job_reports_the_canonical_name_and_call
 def test_models_list_samplers_with_their_schedules(api):
     models = {m["id"]: m for m in api.get("/v1/models").json()["models"]}
     ldm = models["tiny-ldm"]["samplers"]
-    assert set(ldm) == {"ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"}
+    assert set(ldm) == {"ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"}
     assert "karras" in ldm["euler"]["schedules"] and "karras" not in ldm["ddim"]["schedules"]
     assert set(models["tiny-mmdit"]["samplers"]) == {"flow_euler", "flow_heun", "flow_lcm"}

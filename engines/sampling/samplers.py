@@ -20,6 +20,7 @@ STEPS: dict[str, StepFn] = {
     "heun": steps.heun,
     "dpmpp_2m": steps.dpmpp_2m,
     "dpmpp_2m_sde": steps.dpmpp_2m_sde,
+    "unipc": steps.unipc,
     "flow_euler": steps.euler,
     "flow_heun": steps.heun,
     "flow_lcm": steps.flow_lcm,

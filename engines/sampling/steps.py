@@ -9,6 +9,7 @@ k-diffusion's space (x = x0 + sigma * eps; flow models: their own sigma).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -125,3 +126,74 @@ def flow_lcm(g: Group, x0: torch.Tensor) -> list[Row]:
     """Consistency multistep for flow models (FlowMatchLCMScheduler): jump to the denoised
     estimate, then re-noise it to the target with fresh noise from the row's generator."""
     return g.advance(g.d(1 - g.target) * x0 + g.d(g.target) * g.noise())
+
+
+@dataclass(frozen=True)
+class UniPCMemory:
+    last_sample: torch.Tensor  # the VP sample the last predictor started from
+    x0s: tuple[torch.Tensor, ...]  # the last x0 estimates, newest last
+    sigmas: tuple[float, ...]  # the sigmas they were made at
+    order: int  # the last predictor's order
+
+
+def _vp(s: float) -> tuple[float, float, float]:
+    """k-diffusion sigma -> VP alpha_t, sigma_t, lambda_t (lambda = inf at sigma 0)."""
+    alpha = (s * s + 1) ** -0.5
+    return alpha, s * alpha, math.inf if s == 0 else -math.log(s)
+
+
+def _bh2(h: float, order: int) -> tuple[float, float, list[float]]:
+    """UniPC's h*phi_1, B(h) and b vector for the bh2 variant, data prediction (hh = -h)."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    h_phi_k, factorial, b = h_phi_1 / hh - 1, 1, []
+    for i in range(1, order + 1):
+        b.append(h_phi_k * factorial / h_phi_1)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return h_phi_1, h_phi_1, b
+
+
+def _unipc_update(x: torch.Tensor, m0: torch.Tensor, s0: float, older: list[tuple[torch.Tensor, float]],
+                  target: float, rhos: list[float], m_t: torch.Tensor | None = None) -> torch.Tensor:
+    """x_t = sigma_t / sigma_s0 x - alpha_t h phi_1 m0 - alpha_t B(h) (sum rho_k D_k [+ rho_t D_t])."""
+    alpha_t, sig_t, lam_t = _vp(target)
+    _, sig_s0, lam_s0 = _vp(s0)
+    h = lam_t - lam_s0
+    h_phi_1, b_h, _ = _bh2(h, 1)
+    res = torch.zeros_like(x)
+    for (mi, si), rho in zip(older, rhos):
+        res = res + rho * (mi - m0) / ((_vp(si)[2] - lam_s0) / h)
+    if m_t is not None:
+        res = res + rhos[-1] * (m_t - m0)
+    return sig_t / sig_s0 * x - alpha_t * h_phi_1 * m0 - alpha_t * b_h * res
+
+
+def unipc(g: Group, x0: torch.Tensor) -> list[Row]:
+    """UniPC (Zhao et al. 2023), bh2, data prediction, order 2: a corrector (UniC) on the
+    current sample using this call's x0 (no extra call), then the predictor (UniP); first and
+    last steps first order, as UniPCMultistepScheduler. Per row, in VP space."""
+    out = []
+    for i, r in enumerate(g.rows):
+        s, target, m = r.sigma, float(g.target[i]), r.memory
+        x = g.x[i] * _vp(s)[0]
+        if m is not None:  # UniC with order m.order: rhos solve R rho = b (order 1: rho = 0.5)
+            x_prev, s_prev = m.x0s[-1], m.sigmas[-1]
+            older = list(zip(m.x0s[-2::-1], m.sigmas[-2::-1]))[: m.order - 1]
+            if m.order == 1:
+                rhos = [0.5]
+            else:
+                h = _vp(s)[2] - _vp(s_prev)[2]
+                rks = [(_vp(si)[2] - _vp(s_prev)[2]) / h for _, si in older] + [1.0]
+                _, _, b = _bh2(h, m.order)
+                matrix = torch.tensor([[rk ** k for rk in rks] for k in range(m.order)], dtype=torch.float64)
+                rhos = torch.linalg.solve(matrix, torch.tensor(b, dtype=torch.float64)).tolist()
+            x = _unipc_update(m.last_sample, x_prev, s_prev, older, s, rhos, m_t=x0[i])
+        x0s = ((m.x0s if m else ()) + (x0[i],))[-2:]
+        sigmas = ((m.sigmas if m else ()) + (s,))[-2:]
+        order = min(2, r.steps - r.step, r.step + 1)  # warm-up first, lower order at the end
+        older = [(x0s[0], sigmas[0])] if order == 2 else []
+        x_next = _unipc_update(x, x0s[-1], s, older, target, [0.5] if order == 2 else [])
+        out.append(replace(r, x=x_next / _vp(target)[0], sigma=float(g.sigma_next[i]), t=r.t_at(r.step + 1),
+                           step=r.step + 1, calls=r.calls + 1, memory=UniPCMemory(x, x0s, sigmas, order)))
+    return out
