@@ -63,6 +63,11 @@ class Limits:
     max_steps: int = 50
     max_guidance_scale: float = 30.0
     max_queue: int = 256  # queued + running jobs before the API answers 429
+    # The (width, height) pairs the model serves, when it serves only some (a model trained at a
+    # few sizes); empty: any size within min/max and the multiple.
+    sizes: tuple[tuple[int, int], ...] = ()
+    # The guidance modes a model takes: a distilled few-step model takes only "none".
+    guidance_modes: tuple[str, ...] = ("cfg", "autoguidance", "apg", "none")
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,17 @@ def _spec(entry: dict, root: Path) -> ModelSpec:
     if bad:
         raise RegistryError(f"{model_id}: samplers {sorted(bad)} do not fit family {family}")
     defaults = Defaults(**entry["defaults"])
-    limits = Limits(**entry.get("limits", {}))
+    raw_limits = dict(entry.get("limits", {}))
+    raw_limits["sizes"] = tuple(tuple(int(v) for v in size) for size in raw_limits.get("sizes", ()))
+    if "guidance_modes" in raw_limits:
+        raw_limits["guidance_modes"] = tuple(raw_limits["guidance_modes"])
+    limits = Limits(**raw_limits)
     if defaults.sampler not in samplers:
         raise RegistryError(f"{model_id}: default sampler {defaults.sampler!r} not in {samplers}")
+    if limits.sizes and (defaults.width, defaults.height) not in limits.sizes:
+        raise RegistryError(f"{model_id}: default size {defaults.width}x{defaults.height} is not in its sizes")
+    if defaults.guidance not in limits.guidance_modes:
+        raise RegistryError(f"{model_id}: default guidance {defaults.guidance!r} is not in its guidance_modes")
     if defaults.schedule not in CATALOG[defaults.sampler].schedules:
         raise RegistryError(f"{model_id}: default schedule {defaults.schedule!r} does not fit {defaults.sampler}")
     for side in (defaults.width, defaults.height):

@@ -44,6 +44,9 @@ def resolve(req: GenerateRequest, registry: Registry) -> Resolved:
         if not lim.min_size <= value <= lim.max_size or value % lim.size_multiple:
             raise invalid(name, f"{name} must be a multiple of {lim.size_multiple} between "
                                 f"{lim.min_size} and {lim.max_size} for model {spec.id}, got {value}")
+    if lim.sizes and (width, height) not in lim.sizes:
+        sizes = ", ".join(f"{w}x{h}" for w, h in lim.sizes)
+        raise invalid("width", f"model {spec.id} serves the sizes {sizes} (width x height), got {width}x{height}")
     steps = req.steps or d.steps
     if steps > lim.max_steps:
         raise invalid("steps", f"steps must be at most {lim.max_steps} for model {spec.id}, got {steps}")
@@ -61,6 +64,8 @@ def resolve(req: GenerateRequest, registry: Registry) -> Resolved:
     if guidance > lim.max_guidance_scale:
         raise invalid("guidance_scale", f"guidance_scale must be at most {lim.max_guidance_scale}, got {guidance}")
     mode = req.guidance or d.guidance
+    if mode not in lim.guidance_modes:
+        raise invalid("guidance", f"model {spec.id} takes guidance {', '.join(lim.guidance_modes)}, got {mode!r}")
     if mode == "autoguidance" and spec.guide is None:
         raise invalid("guidance", f"model {spec.id} has no guide model for autoguidance")
     interval, fraction = req.guidance_interval, req.guidance_interval_fraction

@@ -112,6 +112,9 @@ def registry_path(tmp_path_factory) -> Path:
         model_entry("limited", MODELS / "tiny-mmdit", "mmdit", limits={"max_queue": 2}),
         model_entry("pair-mmdit", MODELS / "tiny-mmdit", "mmdit", max_batch=2),
         model_entry("huge-ldm", MODELS / "tiny-ldm", "ldm", limits={"max_size": 2048}),
+        model_entry("turbo-mmdit", MODELS / "tiny-mmdit", "mmdit",  # a distilled few-step model's limits
+                    defaults={"steps": 4, "schedule": "turbo", "guidance": "none", "guidance_scale": 1.0},
+                    limits={"max_steps": 4, "sizes": [[64, 64], [64, 96]], "guidance_modes": ["none"]}),
         model_entry("shapes-mmdit", MODELS / "shapes-mmdit", "mmdit", max_batch=16, guide="shapes-mmdit-guide",
                     options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
         model_entry("shapes-mmdit-guide", MODELS / "shapes-mmdit-guide", "mmdit",
@@ -227,10 +230,10 @@ def start_worker(redis_url, registry_path, tmp_path):
 
 @pytest.fixture(scope="session")
 def worker(redis_url, registry_path, tmp_path_factory):
-    """The shared worker for tiny-mmdit, tiny-ldm and pair-mmdit. Its 0.5 s fill window lets
-    concurrent requests meet in one batch."""
+    """The shared worker for tiny-mmdit, tiny-ldm, pair-mmdit and turbo-mmdit. Its 0.5 s fill
+    window lets concurrent requests meet in one batch."""
     workers = Workers(redis_url, registry_path, tmp_path_factory.mktemp("shared-worker"))
-    yield workers("tiny-mmdit,tiny-ldm,pair-mmdit", "shared", fill_window_s=0.5, metrics_port=free_port())
+    yield workers("tiny-mmdit,tiny-ldm,pair-mmdit,turbo-mmdit", "shared", fill_window_s=0.5, metrics_port=free_port())
     workers.stop_all()
 
 

@@ -102,3 +102,20 @@ def test_models_list_samplers_with_their_schedules(api):
     assert set(ldm) == {"ddim", "euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "unipc"}
     assert "karras" in ldm["euler"]["schedules"] and "karras" not in ldm["ddim"]["schedules"]
     assert set(models["tiny-mmdit"]["samplers"]) == {"flow_euler", "flow_heun", "flow_lcm"}
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"width": 128, "height": 64}, "width"),  # not one of its sizes
+    ({"steps": 5}, "steps"),  # distilled for 4
+    ({"guidance": "cfg", "guidance_scale": 4.0}, "guidance"),  # distilled to run unguided
+])
+def test_a_distilled_model_refuses_what_it_was_not_distilled_for(api, change, field):
+    response = generate(api, model="turbo-mmdit", prompt="a red circle", **change)
+    assert response.status_code == 422 and response.json()["error"]["field"] == field, response.text
+
+
+def test_a_distilled_model_serves_its_defaults_and_its_sizes(api, worker):
+    job = generate(api, model="turbo-mmdit", prompt="a red circle", width=64, height=96).json()
+    assert job["status"] == "succeeded", job
+    assert job["steps"] == 4 and job["schedule"] == "turbo" and job["denoiser_calls"] == 4
+    assert job["images"][0]["width"] == 64 and job["images"][0]["height"] == 96
