@@ -120,14 +120,28 @@ def load_model(model_id: str, registry: Path):
     return loader.load_with_guide(models, models.get(model_id))
 
 
-def generate(model, prompts: list[str], seeds: list[int], sampler: str, steps: int, guidance: float,
-             batch: int = 16, size: tuple[int, int] = (64, 64)) -> np.ndarray:
+@dataclass(frozen=True)
+class Sampling:
+    """How the evaluation generates: sampler, steps, schedule and guidance."""
+
+    sampler: str
+    steps: int
+    guidance_scale: float
+    schedule: str = "default"
+    guidance: str = "cfg"
+    interval_fraction: tuple[float, float] | None = None
+
+
+def generate(model, prompts: list[str], seeds: list[int], how: Sampling, batch: int = 16,
+             size: tuple[int, int] = (64, 64), stats=None) -> np.ndarray:
     from engines.tasks.txt2img import ImageRequest, Txt2ImgBatch, run
 
     out = []
     for i in range(0, len(prompts), batch):
-        rows = [ImageRequest(p, "", s, guidance) for p, s in zip(prompts[i : i + batch], seeds[i : i + batch])]
-        out.append(run(model, Txt2ImgBatch(size[0], size[1], sampler, steps, rows)).numpy())
+        rows = [ImageRequest(p, "", s, how.guidance_scale, how.sampler, how.steps, how.schedule,
+                             guidance=how.guidance, guidance_interval_fraction=how.interval_fraction)
+                for p, s in zip(prompts[i : i + batch], seeds[i : i + batch])]
+        out.append(run(model, Txt2ImgBatch(size[0], size[1], how.sampler, how.steps, rows), stats=stats).numpy())
     return np.concatenate(out)
 
 
@@ -156,24 +170,27 @@ def data_diversity(prompt: str, k: int, rng: random.Random, size: tuple[int, int
     return mean_pairwise(np.stack(images))
 
 
-def evaluate(model, model_id: str, sampler: str, steps: int, guidance: float, n: int,
-             size: tuple[int, int] = (64, 64)) -> dict:
+def evaluate(model, model_id: str, how: Sampling, n: int, size: tuple[int, int] = (64, 64)) -> dict:
+    from engines.tasks.txt2img import RunStats
+
     cases = eval_cases(n)
     started = time.time()
-    images = generate(model, [c.prompt for c in cases], [c.seed for c in cases], sampler, steps, guidance,
-                      size=size)
+    stats = RunStats()
+    images = generate(model, [c.prompt for c in cases], [c.seed for c in cases], how, size=size, stats=stats)
     verdicts = [judge(c, score_image(img)) for c, img in zip(cases, images)]
     result = summarize(cases, verdicts)
     k, rng = 8, random.Random(99)
     gen_div, data_div = [], []
     for j, prompt in enumerate(DIVERSITY_PROMPTS):
-        imgs = generate(model, [prompt] * k, [1000 * j + s for s in range(k)], sampler, steps, guidance, size=size)
+        imgs = generate(model, [prompt] * k, [1000 * j + s for s in range(k)], how, size=size)
         gen_div.append(mean_pairwise(imgs))
         data_div.append(data_diversity(prompt, k, rng, size))
     result["diversity"] = round(float(np.mean(gen_div)), 4)
     result["diversity_data"] = round(float(np.mean(data_div)), 4)
     result["diversity_ratio"] = round(result["diversity"] / result["diversity_data"], 3)
-    result.update(model=model_id, size=f"{size[0]}x{size[1]}", sampler=sampler, steps=steps, guidance_scale=guidance,
+    result.update(model=model_id, size=f"{size[0]}x{size[1]}", sampler=how.sampler, steps=how.steps,
+                  schedule=how.schedule, guidance=how.guidance, guidance_scale=how.guidance_scale,
+                  interval_fraction=how.interval_fraction, denoiser_rows_per_image=round(stats.denoiser_rows / n, 2),
                   seconds=round(time.time() - started, 1))
     return result
 
@@ -217,7 +234,10 @@ def main() -> None:
     parser.add_argument("--registry", type=Path, default=ROOT / "models" / "registry.json")
     parser.add_argument("--sampler")
     parser.add_argument("--steps", type=int)
-    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--guidance", type=float, help="guidance scale")
+    parser.add_argument("--guidance-mode", help="cfg | autoguidance | apg | none (default: the model's)")
+    parser.add_argument("--interval-fraction", type=float, nargs=2, help="guide only steps start <= i/N < end")
+    parser.add_argument("--schedule", help="default: the model's")
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--size", default="64x64", help="WxH")
     parser.add_argument("--validate-scorer", action="store_true")
@@ -232,9 +252,12 @@ def main() -> None:
         spec = load_registry(args.registry).get(args.model)
         model = load_model(spec.id, args.registry)
         width, height = (int(v) for v in args.size.lower().split("x"))
-        result = evaluate(model, spec.id, args.sampler or spec.defaults.sampler, args.steps or spec.defaults.steps,
-                          spec.defaults.guidance_scale if args.guidance is None else args.guidance, args.n,
-                          (width, height))
+        d = spec.defaults
+        how = Sampling(args.sampler or d.sampler, args.steps or d.steps,
+                       d.guidance_scale if args.guidance is None else args.guidance, args.schedule or d.schedule,
+                       args.guidance_mode or d.guidance,
+                       tuple(args.interval_fraction) if args.interval_fraction else None)
+        result = evaluate(model, spec.id, how, args.n, (width, height))
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
