@@ -156,7 +156,7 @@ def mean_pairwise(images: np.ndarray) -> float:
     return float(np.mean(dists))
 
 
-def data_diversity(prompt: str, k: int, rng: random.Random, size: tuple[int, int] = (64, 64)) -> float:
+def data_diversity(prompt: str, k: int, rng: random.Random, image_size: tuple[int, int] = (64, 64)) -> float:
     """The same figure for rendered scenes that fit a loosely specified prompt."""
     words = prompt.split()
     color = next(w for w in words if w in COLORS)
@@ -166,7 +166,7 @@ def data_diversity(prompt: str, k: int, rng: random.Random, size: tuple[int, int
     images = []
     for _ in range(k):
         obj = Obj(shape, color, size or rng.choice(SIZES), position or rng.choice(POSITIONS))
-        images.append(render(Scene((obj,), random_background(rng, (obj,))), size, rng))
+        images.append(render(Scene((obj,), random_background(rng, (obj,))), image_size, rng))
     return mean_pairwise(np.stack(images))
 
 
@@ -188,7 +188,7 @@ def evaluate(model, model_id: str, how: Sampling, n: int, size: tuple[int, int] 
     result["diversity"] = round(float(np.mean(gen_div)), 4)
     result["diversity_data"] = round(float(np.mean(data_div)), 4)
     result["diversity_ratio"] = round(result["diversity"] / result["diversity_data"], 3)
-    result.update(model=model_id, size=f"{size[0]}x{size[1]}", sampler=how.sampler, steps=how.steps,
+    result.update(model=model_id, image_size=f"{size[0]}x{size[1]}", sampler=how.sampler, steps=how.steps,
                   schedule=how.schedule, guidance=how.guidance, guidance_scale=how.guidance_scale,
                   interval_fraction=how.interval_fraction, denoiser_rows_per_image=round(stats.denoiser_rows / n, 2),
                   seconds=round(time.time() - started, 1))
