@@ -23,6 +23,9 @@ import torch
 
 from engines.sampler_catalog import CATALOG, SCHEDULE_OPTIONS
 
+ZERO_SNR_ALPHA = 2.0**-24
+
+
 class ScheduleError(ValueError):
     """A sampler and schedule combination diffusers does not define."""
 
@@ -50,6 +53,14 @@ def vp_alphas_cumprod(config: dict) -> torch.Tensor:
         betas = torch.linspace(start**0.5, end**0.5, n, dtype=torch.float32) ** 2
     else:
         raise ValueError(f"unsupported beta_schedule {kind!r}")
+    if config.get("rescale_betas_zero_snr"):
+        from diffusers.schedulers.scheduling_euler_discrete import rescale_zero_terminal_snr
+
+        alphas_cumprod = torch.cumprod(1.0 - rescale_zero_terminal_snr(betas), dim=0)
+        # Zero terminal SNR (Lin et al. 2024) puts the top sigma at infinity; clamp it as
+        # diffusers' Euler, DPM-Solver and UniPC schedulers do.
+        alphas_cumprod[-1] = ZERO_SNR_ALPHA
+        return alphas_cumprod
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -99,7 +110,7 @@ def _cached(config_json: str, sampler: str, steps: int, schedule: str) -> Schedu
 
 
 def _ddim(scheduler, steps: int) -> Schedule:
-    alphas = scheduler.alphas_cumprod.float()
+    alphas = scheduler.alphas_cumprod.float().clamp(min=ZERO_SNR_ALPHA)  # zero terminal SNR: as Euler clamps
     ts = scheduler.timesteps.long()
     prev = ts - scheduler.config.num_train_timesteps // steps
     final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float32)

@@ -124,6 +124,18 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("sampler,tol", [("euler", 1e-4), ("dpmpp_2m", 1e-4), ("unipc", 1e-4), ("ddim", 1e-3)])
+def test_zero_terminal_snr_v_prediction_schedules_match_diffusers(sampler, tol):
+    """SD 2.x's zero-terminal-SNR recipe (Lin et al. 2024): rescaled betas, trailing spacing,
+    v-prediction. The infinite top sigma is clamped as diffusers' Euler does (DDIM in diffusers
+    keeps alpha_T = 0: the clamp costs it ~1e-4)."""
+    model = VP(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
+    with torch.no_grad():
+        expected = diffusers_loop(model, sampler, 8, "default", 0.0)
+        rows = sample(plain(model.denoiser()), our_rows(model, sampler, 8, "default", 0.0))
+    assert rel_err(model.to_latents(rows), expected) < tol
+
+
 @pytest.fixture(scope="module")
 def models():
     return {"vp": VP(), "flow": Flow()}
