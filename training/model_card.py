@@ -37,15 +37,21 @@ def _numel(shape) -> int:
 
 def eval_table(results: list[dict]) -> list[str]:
     keys = ["color", "shape", "position", "size", "background", "two_object_both", "held_out_pair", "diversity_ratio"]
-    lines = ["| sampler, steps, guidance | " + " | ".join(keys) + " | n |",
-             "|---" * (len(keys) + 2) + "|"]
+    lines = ["| size | sampler, steps, guidance | " + " | ".join(keys) + " | rows/image | n |",
+             "|---" * (len(keys) + 4) + "|"]
     for r in results:
         cells = []
         for k in keys:
             value = r.get(k)
             mark = "" if k not in TARGETS else (" ✓" if value >= TARGETS[k] else " ✗")
             cells.append(f"{value:.3f}{mark}" if isinstance(value, float) else str(value))
-        lines.append(f"| {r['sampler']}, {r['steps']}, {r['guidance_scale']} | " + " | ".join(cells) + f" | {r['n']} |")
+        how = f"{r['sampler']}, {r['steps']}, {r.get('guidance', 'cfg')} {r['guidance_scale']}"
+        if r.get("schedule", "default") != "default":
+            how += f", {r['schedule']} schedule"
+        if r.get("interval_fraction"):
+            how += f", interval {r['interval_fraction'][0]}-{r['interval_fraction'][1]}"
+        lines.append(f"| {r.get('image_size', '64x64')} | {how} | " + " | ".join(cells)
+                     + f" | {r.get('denoiser_rows_per_image', '')} | {r['n']} |")
     targets = ", ".join(f"{k} >= {v}" for k, v in TARGETS.items())
     lines += ["", f"Targets (issue 3): {targets}. diversity_ratio: mean pairwise pixel distance across "
               "seeds for loosely specified prompts, over the same figure for rendered scenes."]
