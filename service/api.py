@@ -249,7 +249,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "samplers": {name: {"schedules": list(CATALOG[name].schedules),
                                     "aliases": list(CATALOG[name].aliases),
                                     "stochastic": CATALOG[name].stochastic} for name in spec.samplers},
-                "defaults": vars(spec.defaults),
+                "defaults": vars(spec.defaults), "guide": spec.guide,
                 "limits": {**vars(spec.limits), "max_images": 8},
                 # The registry's choice, and what live workers actually run (env overrides, auto).
                 "engine": spec.engine, "precision": spec.precision, "live_workers": workers,
