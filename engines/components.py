@@ -204,4 +204,5 @@ def text_engine(encoder: torch.nn.Module, pooled: bool):
     """A text encoder as a component engine for the trainers: gradients flow, nothing is cast."""
     module = ClipTextPooled(encoder) if pooled else ClipText(encoder)
     names = ("hidden_states", "pooled") if pooled else ("hidden_states",)
-    return lambda input_ids: dict(zip(names, module(input_ids)))
+    device = next(encoder.parameters()).device
+    return lambda input_ids: dict(zip(names, module(input_ids.to(device))))

@@ -232,6 +232,9 @@ def test_selection_rules():
     assert "CUDA" in selection.runnable("tensorrt", "fp16", "cpu")
     assert selection.runnable("onnxruntime", "bf16", "cpu")
     assert selection.runnable("torch", "fp16", "cpu")
+    # Half precision on CUDA gave wrong images in the last GPU check: refused, with the reason.
+    assert "wrong images" in selection.runnable("torch", "bf16", "cuda")
+    assert selection.runnable("torch", "fp32", "cuda") is None
     assert selection.candidates("fp32", "cpu") == ["torch", "onnxruntime"]
     assert selection.candidates("bf16", "cpu") == ["torch"]
     assert selection.fastest({"torch": 0.2, "onnxruntime": 0.1}) == "onnxruntime"

@@ -141,6 +141,28 @@ def test_ldm_trainer_smoke_exports_a_model_the_sd_pipeline_runs(tmp_path):
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
 
+def test_a_slim_checkpoint_exports_the_same_model_as_the_full_one(tmp_path):
+    """training.slim: how a run on a lent GPU comes back (fp16 EMA weights, no optimizer)."""
+    common = ["-m", "training.train_ldm", "--vae", str(ROOT / "models" / "tiny-ldm" / "vae"),
+              "--out", str(tmp_path / "run"), "--width", "16", "--text-width", "32", "--batch", "4",
+              "--bank", "64", "--prediction", "v_prediction", "--zero-snr"]
+    run(*common, "--steps", "2")
+    run(*common, "--export", str(tmp_path / "full"))
+    (tmp_path / "slim").mkdir()
+    run("-m", "training.slim", str(tmp_path / "run" / "checkpoint.pt"), str(tmp_path / "slim" / "checkpoint.pt"))
+    assert (tmp_path / "slim" / "checkpoint.pt").stat().st_size < (tmp_path / "run" / "checkpoint.pt").stat().st_size / 3
+    slim = [a if a != str(tmp_path / "run") else str(tmp_path / "slim") for a in common]
+    run(*slim, "--export", str(tmp_path / "from-slim"))
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    full, half = (UNet2DConditionModel.from_pretrained(tmp_path / d / "unet") for d in ("full", "from-slim"))
+    for (name, a), b in zip(full.state_dict().items(), half.state_dict().values()):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), name  # fp16 rounding only
+    scheduler = DDIMScheduler.from_pretrained(tmp_path / "from-slim" / "scheduler")
+    assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
+    assert json.loads((tmp_path / "from-slim" / "training.json").read_text())["step"] == 2
+
+
 def test_ladd_trainer_smoke_distils_a_turbo_model_that_serves_with_the_turbo_schedule(tmp_path):
     common = ["-m", "training.train_ladd", "--teacher", str(ROOT / "models" / "tiny-mmdit"),
               "--out", str(tmp_path / "run"), "--data", "16", "--batch", "8", "--sizes", "64x64", "64x96"]

@@ -33,7 +33,7 @@ def load(path: Path, modules: dict, optimizer=None) -> tuple[int, dict]:
     there is no checkpoint."""
     if not path.exists():
         return 0, {}
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=False, map_location="cpu")  # also a checkpoint saved on a GPU
     for name, module in modules.items():
         module.load_state_dict(state["modules"][name])
     if optimizer is None:

@@ -18,8 +18,9 @@ from training.shapes import caption, random_scene, render
 
 
 @torch.no_grad()
-def build_bank(vae_dir: Path, n: int, seed: int = 1, chunk: int = 256, size: tuple[int, int] = (64, 64)) -> dict:
-    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
+def build_bank(vae_dir: Path, n: int, seed: int = 1, chunk: int = 256, size: tuple[int, int] = (64, 64),
+               device: str = "cpu") -> dict:
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().to(device)
     rng = random.Random(seed)
     latents, captions = [], []
     for start in range(0, n, chunk):
@@ -28,19 +29,19 @@ def build_bank(vae_dir: Path, n: int, seed: int = 1, chunk: int = 256, size: tup
             text, scene = caption(random_scene(rng), rng)
             images.append(render(scene, size, rng))
             captions.append(text)
-        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            mean = vae.encode(x).latent_dist.mean
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            mean = vae.encode(x).latent_dist.mean.cpu()
         latents.append((mean.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor)
     return {"latents": torch.cat(latents).half(), "captions": captions}
 
 
-def load_or_build(path: Path, vae_dir: Path, n: int, seed: int = 1) -> dict:
+def load_or_build(path: Path, vae_dir: Path, n: int, seed: int = 1, device: str = "cpu") -> dict:
     if path.exists():
         bank = torch.load(path, weights_only=False)
         if len(bank["captions"]) >= n:
             return bank
-    bank = build_bank(vae_dir, n, seed)
+    bank = build_bank(vae_dir, n, seed, device=device)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(bank, path)
     return bank

@@ -23,6 +23,7 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
 
     args: out, steps, minutes, lr, ema, seed, snapshot_steps. Checkpoints hold both.
     """
+    net.to(args.device)
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
     ckpt = args.out / "checkpoint.pt"
@@ -34,13 +35,17 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
     log = open(args.out / "log.jsonl", "a")
     started, last_save = time.time(), time.time()
     elapsed = lambda: extra.get("elapsed_s", 0.0) + time.time() - started  # noqa: E731
+    # Where and how it trained, for the exported training.json (the last run's settings).
+    run_extra = lambda: {"elapsed_s": elapsed(), "device": args.device, "amp": args.amp,  # noqa: E731
+                         "batch": args.batch, "bank": args.bank}
     stop = stop_on_signal()
     net.train()
     while step < args.steps and time.time() - started < args.minutes * 60 and not stop.is_set():
         lr = args.lr * min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
             group["lr"] = lr
-        loss = loss_on_batch(rng)
+        with autocast(args):
+            loss = loss_on_batch(rng)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -56,12 +61,18 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
             log.flush()
             print(record, flush=True)
         if step in args.snapshot_steps:
-            checkpoint.save(args.out / f"snapshot-{step}.pt", step, modules, opt, {"elapsed_s": elapsed()})
+            checkpoint.save(args.out / f"snapshot-{step}.pt", step, modules, opt, run_extra())
         if time.time() - last_save > 300:
-            checkpoint.save(ckpt, step, modules, opt, {"elapsed_s": elapsed()})
+            checkpoint.save(ckpt, step, modules, opt, run_extra())
             last_save = time.time()
-    checkpoint.save(ckpt, step, modules, opt, {"elapsed_s": elapsed()})
+    checkpoint.save(ckpt, step, modules, opt, run_extra())
     print(f"stopped at step {step}", flush=True)
+
+
+def autocast(args):
+    """bf16 autocast where asked (`--amp`, on an accelerator or an AMX CPU); weights and the
+    optimizer stay fp32."""
+    return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp)
 
 
 def stop_on_signal() -> threading.Event:
@@ -99,6 +110,8 @@ def denoiser_args(description: str, name: str, *, steps: int, lr: float,
     parser.add_argument("--snapshot-steps", type=int, nargs="*", default=snapshot_steps)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
     parser.add_argument("--init-model", type=Path,
                         help="start from a shipped model's weights (when there is no checkpoint yet): how a run "
                              "continues in a later session, since checkpoints are too large for git")

@@ -51,6 +51,12 @@ def build(args):
     return tokenizer, torch.nn.ModuleDict({"text_encoder": text_encoder, "unet": unet})
 
 
+def schedule_config(args) -> dict:
+    """The DDPM schedule, rescaled to zero terminal SNR with `--zero-snr` (Lin et al. 2024: the
+    last step then sees pure noise, as sampling starts; needs v-prediction)."""
+    return {**SCHEDULE, "rescale_betas_zero_snr": True} if args.zero_snr else dict(SCHEDULE)
+
+
 def train(args) -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -59,16 +65,16 @@ def train(args) -> None:
         net["unet"].load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
         net["text_encoder"].load_state_dict(CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
         print(f"initialised from {args.init_model}", flush=True)
-    bank = load_or_build(args.out / "bank.pt", args.vae, args.bank)
-    latents, captions = bank["latents"].float(), bank["captions"]
-    alphas_cumprod = vp_alphas_cumprod(SCHEDULE)
+    bank = load_or_build(args.out / "bank.pt", args.vae, args.bank, device=args.device)
+    latents, captions = bank["latents"].float().to(args.device), bank["captions"]
+    alphas_cumprod = vp_alphas_cumprod(schedule_config(args)).to(args.device)
 
     def loss_on_batch(rng: random.Random) -> torch.Tensor:
         idx = [rng.randrange(len(captions)) for _ in range(args.batch)]
         texts = [captions[i] if rng.random() >= args.drop else "" for i in idx]
         cond = encode_ldm(tokenizer, text_engine(net["text_encoder"], pooled=False), texts)
         x0 = latents[idx]
-        t = torch.randint(0, len(alphas_cumprod), (args.batch,))
+        t = torch.randint(0, len(alphas_cumprod), (args.batch,), device=x0.device)
         eps = torch.randn_like(x0)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
@@ -84,8 +90,10 @@ def train(args) -> None:
 def export(args) -> None:
     tokenizer, net = build(args)
     ema, step, extra = load_ema(args, net)
-    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-                              timestep_spacing="leading", prediction_type=args.prediction)
+    # Zero-SNR models sample from the last timestep, so their schedule is spaced "trailing".
+    scheduler = DDIMScheduler(**schedule_config(args), clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                              timestep_spacing="trailing" if args.zero_snr else "leading",
+                              prediction_type=args.prediction)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(args.vae, use_safetensors=True), text_encoder=ema["text_encoder"],
         tokenizer=tokenizer, unet=ema["unet"], scheduler=scheduler, safety_checker=None,
@@ -95,6 +103,8 @@ def export(args) -> None:
     (args.export / "training.json").write_text(json.dumps({
         "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "batch": args.batch,
         "lr": args.lr, "width": args.width, "text_width": args.text_width, "prediction": args.prediction,
+        "zero_snr": args.zero_snr, "device": extra.get("device", "cpu"), "amp": extra.get("amp", False),
+        "bank": extra.get("bank"), **({"batch": extra["batch"]} if "batch" in extra else {}),
     }, indent=2))
     print(f"exported step {step} to {args.export}")
 
@@ -103,7 +113,10 @@ def main() -> None:
     parser = denoiser_args(__doc__.splitlines()[0], "shapes-ldm", steps=10000, lr=3e-4, snapshot_steps=[])
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--prediction", choices=("epsilon", "v_prediction"), default="epsilon")
+    parser.add_argument("--zero-snr", action="store_true", help="rescale the schedule to zero terminal SNR")
     args = parse(parser)
+    if args.zero_snr and args.prediction != "v_prediction":
+        parser.error("--zero-snr needs --prediction v_prediction (eps is undefined at zero SNR)")
     export(args) if args.export else train(args)
 
 
