@@ -23,6 +23,7 @@ from service.queue import Job
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
+SHIPPED = {m["id"]: m for m in json.loads((MODELS / "registry.json").read_text())["models"]}
 # Engine caches built by tests (this process and the workers it starts) never touch ~/.cache.
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="latentserve-test-cache-")
 
@@ -119,6 +120,7 @@ def registry_path(tmp_path_factory) -> Path:
                     options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
         model_entry("shapes-mmdit-guide", MODELS / "shapes-mmdit-guide", "mmdit",
                     options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
+        {**SHIPPED["shapes-mmdit-turbo"], "path": str(MODELS / "shapes-mmdit-turbo")},  # as shipped
     ]
     path.write_text(json.dumps({"default": "tiny-mmdit", "models": models}))
     return path

@@ -41,6 +41,34 @@ def test_shapes_mmdit_generates_in_the_sd3_pipeline(model_id):
         assert det.background == "white" and det.objects and det.objects[0].color == "red"
 
 
+def test_shapes_mmdit_turbo_draws_the_prompt_in_4_unguided_steps_in_the_sd3_pipeline():
+    import torch
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(MODELS / "shapes-mmdit-turbo", text_encoder_3=None,
+                                                    tokenizer_3=None, dtype=torch.float32)
+    for k, (color, width, height) in enumerate([("red", 64, 64), ("blue", 128, 64), ("green", 96, 128)]):
+        image = pipe(f"a large {color} circle in the center on a white background", num_inference_steps=4,
+                     sigmas=[1.0, 0.75, 0.5, 0.25], guidance_scale=1.0, height=height, width=width,
+                     max_sequence_length=0, output_type="np", generator=torch.Generator().manual_seed(k)).images[0]
+        det = score_image((image * 255).round().astype(np.uint8))
+        assert det.background == "white" and det.objects and det.objects[0].color == color, (color, det)
+
+
+def test_service_serves_the_turbo_model_in_4_rows_and_refuses_guidance_and_more_steps(api, start_worker):
+    worker = start_worker("shapes-mmdit-turbo", "turbo-worker", metrics_port=free_port(), fill_window_s=0)
+    prompt = "a large red circle in the center on a white background"
+    before = denoiser_rows(worker.metrics_port, "shapes-mmdit-turbo")
+    job = generate(api, model="shapes-mmdit-turbo", prompt=prompt, seed=3).json()
+    assert job["status"] == "succeeded" and job["steps"] == 4 and job["denoiser_calls"] == 4, job
+    assert denoiser_rows(worker.metrics_port, "shapes-mmdit-turbo") - before == 4  # unguided: one row per step
+    det = score_image(np.asarray(Image.open(io.BytesIO(base64.b64decode(job["images"][0]["data"])))))
+    assert det.objects and det.objects[0].color == "red", det
+    for body, field in (({"guidance": "cfg"}, "guidance"), ({"steps": 8}, "steps")):
+        response = generate(api, model="shapes-mmdit-turbo", prompt=prompt, **body)
+        assert response.status_code == 422 and field in response.text, response.text
+
+
 def test_shapes_ldm_generates_in_the_sd_pipeline():
     import torch
     from diffusers import StableDiffusionPipeline
@@ -93,10 +121,10 @@ def test_service_serves_guidance_modes_and_counts_their_rows(api, start_worker):
     assert rows_for(guidance="none") == 10
 
 
-def denoiser_rows(port: int) -> float:
+def denoiser_rows(port: int, model: str = "shapes-mmdit") -> float:
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == "latentserve_denoiser_rows_total" and s.labels.get("model") == "shapes-mmdit")
+               if s.name == "latentserve_denoiser_rows_total" and s.labels.get("model") == model)
