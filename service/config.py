@@ -20,8 +20,11 @@ class Settings:
     worker_metrics_port: int = 9101  # 0: pick a free port
     worker_id: str = ""  # empty: host-pid
     max_batch: int = 0  # images per engine call; 0: each model's registry value
-    # After its first job, how long a worker waits for more to fill the batch: a little
-    # latency for a lone request buys full batches when requests arrive close together.
+    # step: rows join and leave a running batch at every denoising step (service.scheduler);
+    # request: the whole-request baseline (a batch runs start to end; for comparisons).
+    scheduler: str = "step"
+    # Whole-request policy only: after its first job, how long a worker waits for more to fill
+    # the batch. Step-level admission needs none (a later job joins at the next step).
     fill_window_s: float = 0.02
     visibility_timeout_s: float = 60.0  # a claimed job idle this long is reclaimed
     max_attempts: int = 3  # deliveries before a job is dead-lettered as failed

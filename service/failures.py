@@ -21,7 +21,8 @@ UNSUPPORTED_TASK = "unsupported_task"
 ENGINE_ERROR = "engine_error"
 INTERNAL_ERROR = "internal_error"
 DEAD_LETTER = "dead_letter"
-REASONS = (INVALID_INPUT, UNSUPPORTED_TASK, ENGINE_ERROR, INTERNAL_ERROR, DEAD_LETTER)
+DEADLINE = "deadline"  # the request's timeout_s passed before it finished
+REASONS = (INVALID_INPUT, UNSUPPORTED_TASK, ENGINE_ERROR, INTERNAL_ERROR, DEAD_LETTER, DEADLINE)
 
 # How allocators and devices word their failures (torch CPU/CUDA, onnxruntime, TensorRT),
 # matched in the message because several raise a plain RuntimeError.

@@ -1,9 +1,11 @@
 """The task table: a job's task name -> the runner that serves it, and nothing else.
 
-A runner has two halves. `parse` reads a job's request (a JSON dict in its Redis record) into
+A runner has three parts. `parse` reads a job's request (a JSON dict in its Redis record) into
 typed parameters; an error there is caused by the job's own input (`JobInputError`), so that
-job fails alone, at once, and never reaches an engine. `run` computes a batch of parsed jobs
-as one engine batch and returns uint8 pixels, row after row in the order given.
+job fails alone, at once, and never reaches an engine. `begin` turns parsed parameters into
+the job's sampler rows at step 0 (its prompts encoded, its noise drawn from its seeds): the
+step-level scheduler steps those rows in any company (engines.tasks.txt2img.step), and
+`finish` decodes finished rows to uint8 pixels.
 
 Records are normally written by the API after validation, but anything that can write to
 Redis can write a record, so `parse` checks everything the engine relies on for its types and
@@ -21,10 +23,11 @@ import torch
 from engines.guidance import MODES
 from engines.model import LoadedModel
 from engines.sampler_catalog import CATALOG
+from engines.sampling import Row
 from engines.tasks import txt2img
+from service.scheduler import PRIORITIES
 
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
-StepCallback = Callable[[int, int], None]  # (steps done, total); may raise to stop the batch
 
 
 class JobInputError(ValueError):
@@ -52,12 +55,23 @@ class Txt2ImgParams:
     guidance: str = "cfg"
     guidance_interval: tuple[float, float] | None = None
     guidance_interval_fraction: tuple[float, float] | None = None
+    priority: str = "normal"  # high | normal | low (service.scheduler)
+    timeout_s: float | None = None  # from the job's creation; past it the job fails
 
-    def compatibility_key(self) -> Hashable:
-        """What must agree for jobs to share a batch (prompts, seeds, scales, eta may differ).
-        Rows of any sampler or schedule could share calls (engines.sampling is per row);
-        they are kept apart until the step-level scheduler lets rows leave at their own end."""
-        return (self.width, self.height, self.sampler, self.schedule, self.steps)
+    def shape_key(self) -> Hashable:
+        """What rows must agree on to share a step (one engine call): the latent shape. Step
+        counts, samplers, schedules, guidance and prompts may all differ row by row."""
+        return ("txt2img", self.width, self.height)
+
+    def request_key(self) -> Hashable:
+        """The whole-request baseline's key: jobs that start together end together."""
+        return (*self.shape_key(), self.sampler, self.schedule, self.steps)
+
+    @property
+    def rows_per_step(self) -> int:
+        """Network rows a step of this job computes (guidance's second half included)."""
+        guided = self.guidance != "none" and self.guidance_scale != 1
+        return self.num_images * (2 if guided else 1)
 
     @property
     def denoiser_calls(self) -> int:
@@ -78,6 +92,15 @@ def _get(request: dict, name: str, kind: type, default: Any = None) -> Any:
     if not isinstance(value, kind) or isinstance(value, bool):
         raise JobInputError(name, f"expected {kind.__name__}, got {type(value).__name__}")
     return value
+
+
+def _timeout(request: dict) -> float | None:
+    value = request.get("timeout_s")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JobInputError("timeout_s", f"expected a number, got {type(value).__name__}")
+    return float(value)
 
 
 def _pair(request: dict, name: str) -> tuple[float, float] | None:
@@ -102,6 +125,8 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
         guidance=_get(request, "guidance", str, "cfg"),
         guidance_interval=_pair(request, "guidance_interval"),
         guidance_interval_fraction=_pair(request, "guidance_interval_fraction"),
+        priority=_get(request, "priority", str, "normal"),
+        timeout_s=_timeout(request),
     )
     checks = [
         ("width", params.width > 0, "must be positive"),
@@ -119,6 +144,8 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
          "must be a finite number >= 0"),
         ("seed", 0 <= params.seed < 2**32, "must be in 0..2**32-1"),
         ("output_format", params.output_format in OUTPUT_FORMATS, f"must be one of {', '.join(OUTPUT_FORMATS)}"),
+        ("priority", params.priority in PRIORITIES, f"must be one of {', '.join(PRIORITIES)}"),
+        ("timeout_s", params.timeout_s is None or params.timeout_s > 0, "must be positive"),
     ]
     for field, ok, message in checks:
         if not ok:
@@ -126,23 +153,21 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
     return params
 
 
-def run_txt2img(model: LoadedModel, jobs: list[Txt2ImgParams], on_step: StepCallback | None,
-                stats: txt2img.RunStats | None = None) -> torch.Tensor:
-    first = jobs[0]
-    rows = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
-                                 p.schedule, p.eta, p.guidance, p.guidance_interval, p.guidance_interval_fraction)
-            for p in jobs for seed in p.seeds()]
-    batch = txt2img.Txt2ImgBatch(first.width, first.height, first.sampler, first.steps, rows)
-    return txt2img.run(model, batch, on_step, stats=stats)
+def begin_txt2img(model: LoadedModel, p: Txt2ImgParams) -> list[Row]:
+    images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
+                                   p.schedule, p.eta, p.guidance, p.guidance_interval, p.guidance_interval_fraction)
+              for seed in p.seeds()]
+    return txt2img.start_rows(model, txt2img.Txt2ImgBatch(p.width, p.height, p.sampler, p.steps, images))
 
 
 @dataclass(frozen=True)
 class Runner:
     parse: Callable[[Any, LoadedModel], Any]
-    run: Callable[..., torch.Tensor]  # (model, params, on_step, stats: RunStats) -> uint8 pixels
+    begin: Callable[[LoadedModel, Any], list[Row]]  # parsed params -> the job's rows at step 0
+    finish: Callable[[LoadedModel, list[Row]], torch.Tensor]  # finished rows of one shape -> uint8 pixels
 
 
 # task name -> runner. A job whose task is missing here fails at once (never retried).
 RUNNERS: dict[str, Runner] = {
-    "txt2img": Runner(parse_txt2img, run_txt2img),
+    "txt2img": Runner(parse_txt2img, begin_txt2img, txt2img.finish),
 }

@@ -36,6 +36,11 @@ class GenerateRequest(BaseModel):
         None, min_length=2, max_length=2, description="[start, end]: guide only the steps i with start <= i/N < end.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random if omitted; image k uses seed + k.")
     output_format: Literal["png", "webp", "jpeg"] = "png"
+    priority: Literal["high", "normal", "low"] = Field(
+        "normal", description="A high-priority job joins a full batch at the next step by pausing lower-priority "
+                              "ones, which resume where they stopped.")
+    timeout_s: float | None = Field(None, gt=0, le=86400, description="Fail the job (reason: deadline) if it has "
+                                                                      "not finished this long after submission.")
 
 
 class ImageOut(BaseModel):

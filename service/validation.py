@@ -108,5 +108,7 @@ def resolve(req: GenerateRequest, registry: Registry) -> Resolved:
         "guidance_interval_fraction": fraction,
         "seed": secrets.randbelow(2**32) if req.seed is None else req.seed,
         "output_format": req.output_format,
+        "priority": req.priority,
+        "timeout_s": req.timeout_s,
     }
     return Resolved(spec, request, warnings)

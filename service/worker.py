@@ -1,12 +1,15 @@
-"""The worker process: load models once, warm up, then claim -> admit -> batch -> run -> store -> ack.
+"""The worker process: load models once, warm up, then loop schedule -> execute -> update.
 
-A worker holds only the batch it runs: what it claimed for other groups goes straight back to
-the queue for idle workers. Results are tied to jobs by the row ranges fixed when the batch
-is built (service.batching), so a cancelled batch-mate can never shift another job's images.
+Each iteration: claim what the scheduler has room for; decide at this step boundary who
+joins, pauses, resumes or expires and which group steps next (service.scheduler, pure);
+run that one engine call over the group's rows (each row at its own step, sampler and
+guidance); hand each job back its own rows, report progress, stop cancelled jobs, and
+decode and store the jobs that reached their end. A worker holds only what it runs or has
+paused: entries it can't admit go straight back to the queue for idle workers.
 
     python -m service.worker            # serves LATENTSERVE_WORKER_MODELS (default: the default model)
 
-SIGTERM or SIGINT: finish what is claimed, claim nothing new, exit.
+SIGTERM or SIGINT: finish what is admitted, claim nothing new, exit.
 """
 
 from __future__ import annotations
@@ -28,17 +31,15 @@ from engines.model import LoadedModel
 from engines.registry import load_registry
 from engines.tasks import txt2img
 from service import failures
-from service.batching import Admitted, Batch, Member, plan_batches
+from service.active import Active, Call
 from service.config import Settings, load_settings
 from service.media import encode_image
 from service.metrics import BatchRecord, JobRecord, WorkerExporter
 from service.queue import Claimed, Outcome, StoredImage, WorkerQueue, check_redis_version, redis_version
 from service.runners import RUNNERS, JobInputError
+from service.scheduler import Decision, Scheduler
 
 log = logging.getLogger("latentserve.worker")
-
-class BatchStopped(Exception):
-    """Every job of the running batch was cancelled (or its record is gone): stop sampling."""
 
 
 class Worker:
@@ -48,14 +49,17 @@ class Worker:
         self.models = models
         self.queue = queue
         self.exporter = exporter
-        # Each model batches up to its own max_batch (the setting overrides every model's).
-        self.max_batch = {model_id: settings.max_batch or m.spec.max_batch for model_id, m in models.items()}
+        # Each model's row budget is its max_batch (the setting overrides every model's).
+        budgets = {model_id: settings.max_batch or m.spec.max_batch for model_id, m in models.items()}
+        self.scheduler = Scheduler(budgets, settings.scheduler)
         self.engines = {model_id: {"engine": m.engine, "precision": m.precision, "device": m.device}
                         for model_id, m in models.items()}
         self.idle_ms = int(settings.visibility_timeout_s * 1000)
         self.stopping = threading.Event()
-        # The entries this worker runs now, kept fresh by the heartbeat thread. The lock keeps
-        # a heartbeat from touching an entry just released (which would hide it again).
+        self.active: dict[str, Active] = {}  # job id -> the job and its rows
+        self._peeked = 0.0  # when a full worker last read the high-priority lanes
+        # The entries this worker holds, kept fresh by the heartbeat thread. The lock keeps a
+        # heartbeat from touching an entry just released (which would hide it again).
         self._holding: list[Claimed] = []
         self._hold_lock = threading.Lock()
 
@@ -67,48 +71,60 @@ class Worker:
             self.queue.ensure_group(model_id)
         beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         beat.start()
-        log.info("worker %s serving %s (max_batch %s)", self.queue.worker_id, model_ids, self.max_batch)
-        while not self.stopping.is_set():
+        log.info("worker %s serving %s (%s scheduler, budgets %s)", self.queue.worker_id, model_ids,
+                 self.settings.scheduler, self.scheduler.budgets)
+        while not (self.stopping.is_set() and not self._admitted()):
             try:
-                admitted = self._admit(self._claim())
+                self._take(self._claim())
+                decision = self.scheduler.schedule(time.time())
+                self._apply(decision)
+                if decision.run is not None:
+                    self._step(decision.run)
             except redis.ConnectionError as exc:  # Redis restarting: wait, don't die
                 log.warning("redis unavailable (%s); retrying in 1s", exc)
                 time.sleep(1)
-                continue
             except redis.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 for model_id in model_ids:  # the stream was deleted (e.g. FLUSHALL)
                     self.queue.ensure_group(model_id)
-                continue
-            if not admitted:
-                continue
-            # Hold only what runs now: every other group goes back at once, for any worker.
-            first, *others = plan_batches(admitted, self.max_batch)
-            self._hold([item.claimed for item in first])
-            self.queue.release([item.claimed for batch in others for item in batch], self.idle_ms)
-            self._run_batch(first)
-            self._hold([])
+        self.queue.release([a.claimed for a in self.active.values()], self.idle_ms)  # waiting ones
         self.queue.leave(model_ids)
         log.info("worker %s stopped", self.queue.worker_id)
 
+    def _admitted(self) -> bool:
+        return any(a.rows is not None for a in self.active.values())
+
     def _claim(self) -> list[Claimed]:
-        """New entries: block briefly for the first, then give others fill_window_s to arrive.
-        Entries taken over with XAUTOCLAIM have waited already, so they skip the window."""
-        capacity = max(self.max_batch.values())
+        """As many new entries as the scheduler has room for: block briefly only when idle.
+        Under the whole-request policy a fresh batch waits fill_window_s for company."""
+        if self.stopping.is_set():
+            return []
         models = list(self.models)
-        claimed = self.queue.claim(models, capacity, 1000, self.idle_ms)
+        room = sum(self.scheduler.free(m) for m in self.models)
+        if room <= 0:
+            # Full: only the high-priority lanes, which may pause lower-priority rows (at most
+            # every 50 ms: two Redis calls, not per step of a fast model).
+            if self.scheduler.preemptible() and time.monotonic() - self._peeked > 0.05:
+                self._peeked = time.monotonic()
+                return self.queue.claim(models, max(self.scheduler.budgets.values()), None, self.idle_ms,
+                                        urgent_only=True)
+            return []
+        idle = not self.active
+        claimed = self.queue.claim(models, room, 1000 if idle else None, self.idle_ms)
         fresh = claimed and not any(c.reclaimed for c in claimed)
-        if fresh and len(claimed) < capacity and self.settings.fill_window_s > 0:
+        if (self.settings.scheduler == "request" and fresh and idle and len(claimed) < room
+                and self.settings.fill_window_s > 0):
             # A plain sleep, not a blocking read: Redis checks BLOCK timeouts only `hz` times
             # a second (every 100 ms by default), far coarser than a fill window.
             time.sleep(self.settings.fill_window_s)
-            claimed += self.queue.claim(models, capacity - len(claimed), None, self.idle_ms)
+            claimed += self.queue.claim(models, room - len(claimed), None, self.idle_ms)
         return claimed
 
-    def _admit(self, claimed: list[Claimed]) -> list[Admitted]:
-        """Claimed entries whose records parse; the rest end here, before any engine call."""
-        admitted, failed = [], []
+    def _take(self, claimed: list[Claimed]) -> None:
+        """Claimed entries whose records parse join the scheduler as waiting; the rest end
+        here, before any engine call."""
+        failed = []
         for c, job in zip(claimed, self.queue.load(claimed)):
             if job is None or job.model not in self.models:
                 self.queue.drop(c)  # expired record, or a stream we no longer serve
@@ -119,16 +135,19 @@ class Worker:
                                        f"(serves: {', '.join(RUNNERS)})"), failures.UNSUPPORTED_TASK))
                 continue
             try:
-                admitted.append(Admitted(job, c, runner.parse(job.request, self.models[job.model])))
+                active = Active(job, c, runner.parse(job.request, self.models[job.model]))
             except JobInputError as exc:
                 failed.append((Outcome(job, c, "failed", f"invalid request: {exc}"), failures.INVALID_INPUT))
+                continue
+            self.active[job.id] = active
+            self.scheduler.add(active.entry(self.settings.scheduler))
         for outcome, reason in failed:
             self._finish([outcome], failure=reason)
-        return admitted
+        self._hold()
 
-    def _hold(self, claimed: list[Claimed]) -> None:
+    def _hold(self) -> None:
         with self._hold_lock:
-            self._holding = claimed
+            self._holding = [a.claimed for a in self.active.values()]
 
     def _heartbeat(self) -> None:
         while not self.stopping.wait(0) or self._holding:
@@ -141,106 +160,150 @@ class Worker:
                 log.warning("heartbeat failed: %s", exc)
             time.sleep(self.settings.heartbeat_s)
 
-    # ------------------------------------------------------------------ one batch
+    # ------------------------------------------------------------------ schedule decisions
 
-    def _run_batch(self, items: list[Admitted]) -> None:
-        attempts = self.queue.start([item.claimed for item in items])
-        runnable = []
-        for item, attempt in zip(items, attempts):
-            job = item.job
+    def _apply(self, d: Decision) -> None:
+        for job_id in d.expire:
+            a = self.active.pop(job_id)
+            self._finish([Outcome(a.job, a.claimed, "failed",
+                                  f"deadline: not finished within timeout_s={a.params.timeout_s:g}")],
+                         failure=failures.DEADLINE)
+        released = [self.active.pop(job_id).claimed for job_id in d.release]
+        if released:
+            with self._hold_lock:  # no heartbeat may touch them once released
+                self._holding = [c for c in self._holding if all(c is not r for r in released)]
+            self.queue.release(released, self.idle_ms)
+        if d.admit:
+            self._begin([self.active[job_id] for job_id in d.admit])
+        self._hold()
+
+    def _begin(self, admitted: list[Active]) -> None:
+        """Mark admitted jobs running and give each its rows: prompts encoded, noise drawn."""
+        now = time.time()
+        for a, attempt in zip(admitted, self.queue.start([a.claimed for a in admitted])):
+            job = a.job
             if attempt is None:
-                self.queue.drop(item.claimed)  # cancelled or finished meanwhile
+                self._forget(job.id)
+                self.queue.drop(a.claimed)  # cancelled or finished meanwhile
             elif attempt > self.settings.max_attempts:
+                self._forget(job.id)
                 reason = f"gave up after {attempt - 1} attempts"
                 if job.last_error:
                     reason += f"; last error: {job.last_error}"
-                self._finish([Outcome(job, item.claimed, "failed", reason)], failure=failures.DEAD_LETTER)
+                self._finish([Outcome(job, a.claimed, "failed", reason)], failure=failures.DEAD_LETTER)
                 self.queue.dead_letter(job, reason)
             else:
-                job.attempts, job.started_at = attempt, time.time()
-                runnable.append(item)
-        if not runnable:
-            return
+                job.attempts, job.started_at = attempt, now
+                try:
+                    a.rows = RUNNERS[job.task].begin(self.models[job.model], a.params)
+                except Exception as exc:
+                    self._forget(job.id)
+                    self._fail_alone(a, exc)
+
+    def _forget(self, job_id: str) -> Active | None:
+        self.scheduler.remove(job_id)
+        return self.active.pop(job_id, None)
+
+    # ------------------------------------------------------------------ one step
+
+    def _step(self, group) -> None:
+        jobs = [self.active[e.id] for e in self.scheduler.running(group)]
+        model = self.models[jobs[0].job.model]
+        call = Call.assemble(jobs)
+        for a in jobs:
+            a.peak_rows = max(a.peak_rows, len(call.rows))
+        counter = [0]
+        started = time.perf_counter()
         self.exporter.busy.set(1)
         try:
-            self._execute(Batch.build(runnable))
+            call.hand_back(txt2img.step(txt2img.evaluator_of(model, counter), call.rows))
+        except Exception as exc:
+            self._failed(jobs, exc)
+            return
         finally:
             self.exporter.busy.set(0)
+        self.scheduler.stepped(group, counter[0])
+        self.exporter.batch(BatchRecord(model.spec.id, jobs[0].job.task, len(call.rows),
+                                        [time.perf_counter() - started], counter[0]))
+        stops = self.queue.report_progress([(a.job, *a.progress()) for a in jobs])
+        for a in jobs:
+            stop = stops.get(a.job.id)
+            if stop is not None:
+                self._forget(a.job.id)
+                if stop == "gone":  # its record expired: nothing to store, ever
+                    self.queue.drop(a.claimed)
+                else:
+                    self._finish([Outcome(a.job, a.claimed, "cancelled", "cancelled while running")])
+        done = [a for a in jobs if a.done and a.job.id in self.active]
+        if done:
+            self._deliver(model, done)
+        self._hold()
 
-    def _execute(self, batch: Batch) -> None:
-        model = self.models[batch.model]
-        step_times: list[float] = []
-        last = [time.perf_counter()]
-
-        def on_step(step: int, total: int) -> None:
-            now = time.perf_counter()
-            step_times.append(now - last[0])
-            stops = self.queue.report_progress([m.job for m in batch.live()], step, total)
-            stopping = [m for m in batch.live() if m.job.id in stops]
-            for member in stopping:
-                member.stopped = stops[member.job.id]
-                if member.stopped == "gone":  # its record expired: nothing to store, ever
-                    self.queue.drop(member.claimed)
-            self._finish([Outcome(m.job, m.claimed, "cancelled", "cancelled while running")
-                          for m in stopping if m.stopped == "cancelled"])
-            if not batch.live():
-                raise BatchStopped
-            last[0] = time.perf_counter()
-
-        stats = txt2img.RunStats()
+    def _deliver(self, model: LoadedModel, jobs: list[Active]) -> None:
+        """Decode the finished jobs' rows (one call per shape), store the images, ack."""
+        for a in jobs:
+            self._forget(a.job.id)
         started = time.perf_counter()
+        call = Call.assemble(jobs)
         try:
-            pixels = RUNNERS[batch.task].run(model, [m.params for m in batch.members], on_step, stats).numpy()
-        except BatchStopped:
-            return
+            pixels = RUNNERS[jobs[0].job.task].finish(model, call.rows).numpy()
         except Exception as exc:
-            self._failed(batch, exc)
+            if failures.is_engine_failure(exc) or len(jobs) == 1:
+                self._failed(jobs, exc)
+            else:  # find the culprit: each alone
+                for a in jobs:
+                    self._deliver(model, [a])
             return
-        inference_s = time.perf_counter() - started
-        self.exporter.batch(BatchRecord(batch.model, batch.task, batch.rows, step_times, stats.denoiser_rows))
+        decode_s = time.perf_counter() - started
         finished_at = time.time()
         outcomes = []
-        for member in batch.live():  # rows are read by each job's own range, fixed at build time
-            p, job = member.params, member.job
+        for a, span in zip(call.jobs, call.ranges):  # each job reads only its own range
+            p, job = a.params, a.job
             images = [StoredImage(*encode_image(np.ascontiguousarray(pixels[row]), p.output_format),
-                                  seed, p.width, p.height)
-                      for row, seed in zip(member.rows, p.seeds())]
+                                  seed, p.width, p.height) for row, seed in zip(span, p.seeds())]
             started_at = job.started_at or finished_at
-            timings = {
-                "queue_s": round(max(0.0, started_at - job.created_at), 4),
-                "inference_s": round(inference_s, 4),
-                "total_s": round(finished_at - job.created_at, 4),
-            }
-            outcomes.append(Outcome(job, member.claimed, "succeeded", None, images, {
-                "timings": timings, "batch_size": batch.rows, "denoiser_calls": p.denoiser_calls,
+            timings = {"queue_s": round(max(0.0, started_at - job.created_at), 4),
+                       "inference_s": round(finished_at - started_at, 4), "decode_s": round(decode_s, 4),
+                       "total_s": round(finished_at - job.created_at, 4)}
+            outcomes.append(Outcome(job, a.claimed, "succeeded", None, images, {
+                "timings": timings, "batch_size": a.peak_rows, "denoiser_calls": p.denoiser_calls,
                 "progress_step": p.steps, "progress_total": p.steps}))
-        self._finish(outcomes, inference_s=inference_s)
+        self._finish(outcomes)
 
-    def _failed(self, batch: Batch, exc: Exception) -> None:
-        """An engine call raised: retry elsewhere (engine/host), or isolate the job (anything else)."""
-        live = batch.live()
+    def _failed(self, jobs: list[Active], exc: Exception) -> None:
+        """A step (or decode) raised: retry elsewhere (engine/host), or isolate the job (anything else)."""
         error = f"{type(exc).__name__}: {exc}"
         if failures.is_engine_failure(exc):
-            log.warning("batch of %d jobs hit an engine failure (%s); releasing them for retry", len(live), error)
-            retry = [m for m in live if m.job.attempts < self.settings.max_attempts]
-            self._hold([c for c in self._holding if all(c is not m.claimed for m in retry)])  # before release
-            self.queue.requeue([(m.job, m.claimed) for m in retry], error, self.idle_ms)
-            self._give_up([m for m in live if m not in retry], error, failures.ENGINE_ERROR)
-        elif len(live) > 1:
-            log.exception("batch of %d jobs failed; rerunning each alone to find the culprit", len(live))
-            for m in live:
-                self._execute(Batch.build([Admitted(m.job, m.claimed, m.params)]))
-        else:
-            log.exception("job %s failed", live[0].job.id)
-            self._give_up(live, f"internal error: {error}", failures.INTERNAL_ERROR)
+            log.warning("a call over %d jobs hit an engine failure (%s); releasing them for retry", len(jobs), error)
+            for a in jobs:
+                self._forget(a.job.id)
+            self._hold()  # before the release
+            retry = [a for a in jobs if a.job.attempts < self.settings.max_attempts]
+            self.queue.requeue([(a.job, a.claimed) for a in retry], error, self.idle_ms)
+            self._give_up([a for a in jobs if a not in retry], error, failures.ENGINE_ERROR)
+            return
+        if len(jobs) > 1:
+            log.exception("a step over %d jobs failed; stepping each alone to find the culprit", len(jobs))
+        model = self.models[jobs[0].job.model]
+        for a in jobs:
+            try:
+                if len(jobs) == 1:
+                    raise exc
+                a.rows = txt2img.step(txt2img.evaluator_of(model), a.rows)  # not the culprit: one step on
+            except Exception as alone:
+                self._forget(a.job.id)
+                self._fail_alone(a, alone)
 
-    def _give_up(self, members: list[Member], error: str, reason: str) -> None:
-        self._finish([Outcome(m.job, m.claimed, "failed", error) for m in members], failure=reason)
-        for m in members:
-            self.queue.dead_letter(m.job, f"{reason}: {error}")
+    def _fail_alone(self, a: Active, exc: Exception) -> None:
+        log.error("job %s failed: %s", a.job.id, exc, exc_info=exc)
+        self._give_up([a], f"internal error: {type(exc).__name__}: {exc}", failures.INTERNAL_ERROR)
 
-    def _finish(self, outcomes: list[Outcome], failure: str | None = None,
-                inference_s: float | None = None) -> None:
+    def _give_up(self, jobs: list[Active], error: str, reason: str) -> None:
+        self._finish([Outcome(a.job, a.claimed, "failed", error) for a in jobs], failure=reason)
+        for a in jobs:
+            self.queue.dead_letter(a.job, f"{reason}: {error}")
+
+    def _finish(self, outcomes: list[Outcome], failure: str | None = None) -> None:
         if not outcomes:
             return
         stored = self.queue.finish_many(outcomes)
@@ -254,7 +317,8 @@ class Worker:
                 model=o.job.model, task=o.job.task if o.job.task in RUNNERS else "unknown",
                 status=o.status, images=len(o.images),
                 queue_s=(started_at - o.job.created_at) if started_at else None,
-                inference_s=inference_s, end_to_end_s=now - o.job.created_at,
+                inference_s=(now - started_at) if started_at and o.status == "succeeded" else None,
+                end_to_end_s=now - o.job.created_at,
                 failure_reason=failure if o.status == "failed" else None,
             ))
 

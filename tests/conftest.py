@@ -267,6 +267,6 @@ def enqueue_together(r: redis.Redis, jobs: list, ttl_s: int = 600) -> None:
     pipe = r.pipeline(transaction=True)
     for job in jobs:
         fields = [x for pair in encode_job(job).items() for x in pair]
-        script(keys=[Keys.stream(job.model), Keys.job(job.id)],
+        script(keys=[Keys.stream(job.model), Keys.job(job.id), Keys.stream(job.model, urgent=True)],
                args=[1000, ttl_s, job.id, job.num_images, *fields], client=pipe)
     assert all(pipe.execute())

@@ -35,7 +35,7 @@ def test_txt2img_returns_decodable_image_of_requested_size_and_format(api, worke
         raw = api.get(f"/v1/jobs/{job['id']}/images/{k}")
         assert raw.status_code == 200 and raw.headers["content-type"] == f"image/{fmt}"
         assert raw.content == base64.b64decode(image["data"])
-    assert set(job["timings"]) == {"queue_s", "inference_s", "total_s"}
+    assert set(job["timings"]) == {"queue_s", "inference_s", "decode_s", "total_s"}
     assert job["batch"]["size"] >= 2
     assert api.get(f"/v1/jobs/{job['id']}/images/2").status_code == 404
 

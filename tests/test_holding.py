@@ -42,3 +42,16 @@ def test_each_model_batches_up_to_its_own_max_batch(api, worker):
     assert max(sizes) == 2, sizes  # they met in the fill window, but only two per call
     mixed = generate(api, model="tiny-mmdit", prompt="a circle", steps=4, num_images=8).json()
     assert mixed["batch"]["size"] == 8  # the other model keeps its own limit
+
+
+def test_two_shapes_arriving_together_at_one_worker_both_progress(api, start_worker, r):
+    """Step-level scheduling: the worker interleaves the two shapes' steps (deficit round
+    robin), so neither waits for the other to finish."""
+    start_worker("slow-ldm", "mix-a")
+    small = job_record("slow-ldm", width=64, height=64, steps=40, seed=1)
+    large = job_record("slow-ldm", width=128, height=128, steps=40, seed=2)
+    enqueue_together(r, [small, large])
+    for job in (small, large):
+        wait_until(lambda j=job: job_status(api, j.id)["status"] == "succeeded", 120, "the jobs to finish")
+    finished = {j.id: float(r.hget(f"latentserve:job:{j.id}", "finished_at")) for j in (small, large)}
+    assert max(started_at(r, small.id), started_at(r, large.id)) < min(finished.values())

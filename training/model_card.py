@@ -37,8 +37,9 @@ def _numel(shape) -> int:
 
 def eval_table(results: list[dict]) -> list[str]:
     keys = ["color", "shape", "position", "size", "background", "two_object_both", "held_out_pair", "diversity_ratio"]
-    lines = ["| size | sampler, steps, guidance | " + " | ".join(keys) + " | rows/image | n |",
-             "|---" * (len(keys) + 4) + "|"]
+    models = len({r.get("model") for r in results}) > 1  # baselines beside the model: name each row's
+    lines = [("| model " if models else "") + "| size | sampler, steps, guidance | " + " | ".join(keys)
+             + " | rows/image | n |", "|---" * (len(keys) + 4 + models) + "|"]
     for r in results:
         cells = []
         for k in keys:
@@ -50,7 +51,8 @@ def eval_table(results: list[dict]) -> list[str]:
             how += f", {r['schedule']} schedule"
         if r.get("interval_fraction"):
             how += f", interval {r['interval_fraction'][0]}-{r['interval_fraction'][1]}"
-        lines.append(f"| {r.get('image_size', '64x64')} | {how} | " + " | ".join(cells)
+        lines.append((f"| {r.get('model')} " if models else "") + f"| {r.get('image_size', '64x64')} | {how} | "
+                     + " | ".join(cells)
                      + f" | {r.get('denoiser_rows_per_image', '')} | {r['n']} |")
     targets = ", ".join(f"{k} >= {v}" for k, v in TARGETS.items())
     lines += ["", f"Targets (issue 3): {targets}. diversity_ratio: mean pairwise pixel distance across "
@@ -88,7 +90,7 @@ def main() -> None:
     elapsed = training.get("elapsed_s")
     lines += [f"- seed {training.get('seed')}, {training.get('step')} steps, batch {training.get('batch')}, lr {training.get('lr')}",
               f"- wall time {elapsed / 60:.1f} min" if elapsed else "- wall time: not recorded",
-              f"- hardware: {args.hardware or cpu_description()}, no GPU",
+              f"- hardware: {args.hardware or cpu_description() + ', no GPU'}",
               f"- settings: `{json.dumps(training)}`", ""]
     if results:
         lines += ["## Evaluation (`python -m training.evaluate`)", ""] + eval_table(results) + [""]

@@ -12,7 +12,7 @@ import torch
 from engines.guidance import Guidance, evaluator, interval_from_fraction
 from engines.model import LoadedModel
 from engines.noise import StackedGenerator
-from engines.sampling import Row, sample, start
+from engines.sampling import Row, sample, start, step_rows
 from engines.schedules import Schedule, make_schedule
 
 
@@ -91,6 +91,28 @@ def start_rows(model: LoadedModel, batch: Txt2ImgBatch, noise: torch.Tensor | No
     return rows
 
 
+def evaluator_of(model: LoadedModel, counter: list[int] | None = None):
+    """evaluate(rows) -> (x0, rows): the model's denoiser (and guide) under each row's guidance."""
+    return evaluator(model.denoiser, None if model.guide is None else model.guide.denoiser, counter)
+
+
+@torch.inference_mode()
+def step(evaluate, rows: list[Row]) -> list[Row]:
+    """One engine call over `rows` (each at its own step, sigma and guidance), then each row's
+    sampler step: what a step-level scheduler runs for one group."""
+    x0, evaluated = evaluate(rows)
+    return step_rows(evaluated, x0)
+
+
+@torch.inference_mode()
+def finish(model: LoadedModel, rows: list[Row]) -> torch.Tensor:
+    """Finished rows (of one size) to uint8 images [B, H, W, 3]."""
+    x = torch.stack([row.x for row in rows])
+    end = torch.tensor([float(row.schedule.sigmas[-1]) for row in rows], device=x.device)
+    images = model.decode_latents(model.denoiser.x_to_latents(x, end))
+    return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
 @torch.inference_mode()
 def run(
     model: LoadedModel,
@@ -99,14 +121,14 @@ def run(
     noise: torch.Tensor | None = None,
     stats: RunStats | None = None,
 ) -> torch.Tensor:
-    """Generate the batch; returns uint8 images [B, H, W, 3]."""
+    """Generate the whole batch in one go (benchmarks, evaluation, warm-up; the worker steps
+    rows itself); returns uint8 images [B, H, W, 3]."""
     # 1-2. Conditions, and initial latents from each image's own seed at its first sigma.
     rows = start_rows(model, batch, noise)
     total = max(row.steps for row in rows)
 
     # 3. Sample: one engine call per iteration for every unfinished row (guidance rows included).
     counter = [0]
-    evaluate = evaluator(model.denoiser, None if model.guide is None else model.guide.denoiser, counter)
     reported = [0]
 
     def on_call(rows: list[Row], _x0: torch.Tensor) -> None:
@@ -115,12 +137,8 @@ def run(
             reported[0] = done
             on_step(done, total)
 
-    rows = sample(evaluate, rows, on_call)
+    rows = sample(evaluator_of(model, counter), rows, on_call)
     if stats is not None:
         stats.denoiser_rows += counter[0]
-
     # 4. Decode latents to pixels.
-    x = torch.stack([row.x for row in rows])
-    end = torch.tensor([float(row.schedule.sigmas[-1]) for row in rows], device=x.device)
-    images = model.decode_latents(model.denoiser.x_to_latents(x, end))
-    return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return finish(model, rows)

@@ -34,8 +34,9 @@ class ApiQueue:
 
     async def enqueue(self, job: Job, max_queue: int) -> Job:
         fields = flatten(encode_job(job))
+        urgent = job.request.get("priority") == "high"
         sid = await self._enqueue(
-            keys=[Keys.stream(job.model), Keys.job(job.id)],
+            keys=[Keys.stream(job.model, urgent), Keys.job(job.id), Keys.stream(job.model, not urgent)],
             args=[max_queue, self.ttl, job.id, job.num_images, *fields],
         )
         if sid is None:
@@ -60,17 +61,17 @@ class ApiQueue:
         """'cancelled' (was queued), 'cancelling' (running), a terminal status, or None."""
         event = make_event("status", status="cancelled")
         out = await self._cancel(
-            keys=[Keys.job(job_id), Keys.stream(await self._model_of(job_id)), Keys.events(job_id)],
+            keys=[Keys.job(job_id), await self._stream_of(job_id), Keys.events(job_id)],
             args=[time.time(), event],
         )
         return out.decode() if isinstance(out, bytes) else out
 
-    async def _model_of(self, job_id: str) -> str:
-        model = await self.r.hget(Keys.job(job_id), "model")
-        return model.decode() if model else "_"
+    async def _stream_of(self, job_id: str) -> str:
+        job = await self.get(job_id)
+        return Keys.stream(job.model, job.request.get("priority") == "high") if job else Keys.stream("_")
 
     async def depth(self, model: str) -> int:
-        return await self.r.xlen(Keys.stream(model))
+        return await self.r.xlen(Keys.stream(model)) + await self.r.xlen(Keys.stream(model, urgent=True))
 
     async def live_workers(self, model: str, ttl_s: float) -> int:
         return await self.r.zcount(Keys.workers(model), time.time() - ttl_s, "+inf")

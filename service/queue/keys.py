@@ -11,8 +11,10 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 class Keys:
     @staticmethod
-    def stream(model: str) -> str:
-        return f"{PREFIX}:stream:{model}"
+    def stream(model: str, urgent: bool = False) -> str:
+        """A model's job stream; high-priority jobs have their own lane ("urgent"), which a
+        worker with a full batch still reads at every step, so they can pause others."""
+        return f"{PREFIX}:{'urgent' if urgent else 'stream'}:{model}"
 
     @staticmethod
     def job(job_id: str) -> str:
@@ -39,9 +41,9 @@ class Keys:
         return f"{PREFIX}:wake:{model}"  # stream: "entries were released", ends a blocking read
 
     @staticmethod
-    def grouped(model: str) -> tuple[str, str]:
+    def grouped(model: str) -> tuple[str, str, str]:
         """The streams a model's workers read through the consumer group."""
-        return Keys.stream(model), Keys.wake(model)
+        return Keys.stream(model, urgent=True), Keys.stream(model), Keys.wake(model)
 
     DEAD = f"{PREFIX}:dead"  # stream of dead-lettered jobs, for operators
 

@@ -105,6 +105,13 @@ class Claimed:
     job_id: str
     images: int
     reclaimed: bool = False  # taken over by XAUTOCLAIM (released, or a dead worker's): it has waited
+    urgent: bool = False  # from the high-priority lane
+
+    @property
+    def stream(self) -> str:
+        from service.queue.keys import Keys
+
+        return Keys.stream(self.model, self.urgent)
 
 
 @dataclass

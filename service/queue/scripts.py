@@ -2,9 +2,10 @@
 
 Only commands Redis 6.2 has. The group name 'workers' is keys.GROUP."""
 
-# KEYS: stream, job; ARGV: max_queue, ttl, job id, images, field, value, ...
+# KEYS: stream (the job's lane), job, the model's other lane; ARGV: max_queue, ttl, job id,
+# images, field, value, ... max_queue counts both lanes.
 ENQUEUE = """
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+if redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[1]) then return false end
 local sid = redis.call('XADD', KEYS[1], '*', 'job', ARGV[3], 'images', ARGV[4])
 redis.call('HSET', KEYS[2], 'stream_id', sid, unpack(ARGV, 5))
 redis.call('EXPIRE', KEYS[2], ARGV[2])

@@ -31,14 +31,19 @@ class WorkerQueue:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    def claim(self, models: list[str], count: int, block_ms: int | None, min_idle_ms: int) -> list[Claimed]:
-        """Up to `count` entries: first ones idle past `min_idle_ms` (released, or a dead
-        worker's), then new ones, waiting up to `block_ms` for new ones (None: don't wait).
-        A wake entry ends the wait and sends the worker back to XAUTOCLAIM."""
-        claimed = self._autoclaim(models, count, min_idle_ms)
+    def claim(self, models: list[str], count: int, block_ms: int | None, min_idle_ms: int,
+              urgent_only: bool = False) -> list[Claimed]:
+        """Up to `count` entries, high-priority lanes first: first ones idle past `min_idle_ms`
+        (released, or a dead worker's), then new ones, waiting up to `block_ms` for new ones
+        (None: don't wait). A wake entry ends the wait and sends the worker back to
+        XAUTOCLAIM. `urgent_only`: only the high-priority lanes (a worker with a full batch)."""
+        lanes = (True,) if urgent_only else (True, False)
+        claimed = self._autoclaim(models, count, min_idle_ms, lanes)
         if len(claimed) >= count:
             return claimed
-        streams = {**{Keys.stream(m): ">" for m in models}, **{Keys.wake(m): ">" for m in models}}
+        streams = {Keys.stream(m, urgent): ">" for urgent in lanes for m in models}
+        if not urgent_only:
+            streams.update({Keys.wake(m): ">" for m in models})
         block = None if block_ms is None else max(1, block_ms)  # BLOCK 0 would wait forever
         reply = self.r.xreadgroup(GROUP, self.worker_id, streams, count=count - len(claimed), block=block)
         woken = False
@@ -48,25 +53,28 @@ class WorkerQueue:
                 woken = True
                 self._consume(Keys.wake(model), [sid for sid, _ in messages])
             else:
-                claimed += [_claimed(model, sid, fields) for sid, fields in messages if fields]
+                claimed += [_claimed(model, sid, fields, urgent=kind == "urgent") for sid, fields in messages if fields]
         if woken and len(claimed) < count:
-            claimed += self._autoclaim(models, count - len(claimed), min_idle_ms)
-        return claimed
+            claimed += self._autoclaim(models, count - len(claimed), min_idle_ms, lanes)
+        return claimed[:count]  # COUNT applies per stream
 
-    def _autoclaim(self, models: list[str], count: int, min_idle_ms: int) -> list[Claimed]:
+    def _autoclaim(self, models: list[str], count: int, min_idle_ms: int, lanes=(True, False)) -> list[Claimed]:
         claimed: list[Claimed] = []
-        for model in models:
-            if len(claimed) >= count:
-                break
-            # Redis 7 replies [next, messages, deleted ids]; Redis 6.2 [next, messages], and
-            # there an entry deleted while pending (a cancelled job) comes back without fields.
-            reply = self.r.xautoclaim(Keys.stream(model), GROUP, self.worker_id, min_idle_ms, "0-0",
-                                      count=count - len(claimed))
-            messages = reply[1]
-            gone = [sid for sid, fields in messages if not fields]
-            if gone:
-                self._consume(Keys.stream(model), gone)
-            claimed += [_claimed(model, sid, fields, reclaimed=True) for sid, fields in messages if fields]
+        for urgent in lanes:
+            for model in models:
+                if len(claimed) >= count:
+                    return claimed
+                # Redis 7 replies [next, messages, deleted ids]; Redis 6.2 [next, messages], and
+                # there an entry deleted while pending (a cancelled job) comes back without fields.
+                stream = Keys.stream(model, urgent)
+                reply = self.r.xautoclaim(stream, GROUP, self.worker_id, min_idle_ms, "0-0",
+                                          count=count - len(claimed))
+                messages = reply[1]
+                gone = [sid for sid, fields in messages if not fields]
+                if gone:
+                    self._consume(stream, gone)
+                claimed += [_claimed(model, sid, fields, reclaimed=True, urgent=urgent)
+                            for sid, fields in messages if fields]
         return claimed
 
     def _consume(self, stream: str, ids: list) -> None:
@@ -78,13 +86,12 @@ class WorkerQueue:
     def release(self, held: list[Claimed], idle_ms: int) -> None:
         """Give back entries this worker will not run now: any worker's next XAUTOCLAIM
         (with `idle_ms` as its min idle time) takes them, and one blocked worker wakes."""
-        by_model: dict[str, list[str]] = {}
+        by_stream: dict[tuple[str, str], list[str]] = {}
         for c in held:
-            by_model.setdefault(c.model, []).append(c.stream_id)
+            by_stream.setdefault((c.stream, c.model), []).append(c.stream_id)
         pipe = self.r.pipeline(transaction=False)
-        for model, ids in by_model.items():
-            self._release(keys=[Keys.stream(model), Keys.wake(model)],
-                          args=[self.worker_id, idle_ms, *ids], client=pipe)
+        for (stream, model), ids in by_stream.items():
+            self._release(keys=[stream, Keys.wake(model)], args=[self.worker_id, idle_ms, *ids], client=pipe)
         pipe.execute()
 
     def requeue(self, jobs: list[tuple[Job, Claimed]], error: str, idle_ms: int) -> None:
@@ -99,11 +106,11 @@ class WorkerQueue:
 
     def touch(self, held: list[Claimed]) -> None:
         """Reset the idle time of held entries so no other worker reclaims them."""
-        by_model: dict[str, list[str]] = {}
+        by_stream: dict[str, list[str]] = {}
         for c in held:
-            by_model.setdefault(c.model, []).append(c.stream_id)
-        for model, ids in by_model.items():
-            self.r.xclaim(Keys.stream(model), GROUP, self.worker_id, 0, ids, justid=True)
+            by_stream.setdefault(c.stream, []).append(c.stream_id)
+        for stream, ids in by_stream.items():
+            self.r.xclaim(stream, GROUP, self.worker_id, 0, ids, justid=True)
 
     def load(self, claimed: list[Claimed]) -> list[Job | None]:
         """The job records of claimed entries (None where the record expired)."""
@@ -126,12 +133,13 @@ class WorkerQueue:
             out.append(int(attempts) if previous in ("queued", "running") else None)
         return out
 
-    def report_progress(self, jobs: list[Job], step: int, total: int) -> dict[str, str]:
-        """Record and publish progress. Returns the jobs that must stop: id -> "cancelled"
-        (a cancel was requested) or "gone" (the record expired or was deleted)."""
+    def report_progress(self, progress: list[tuple[Job, int, int]]) -> dict[str, str]:
+        """Record and publish each job's (steps done, total). Returns the jobs that must stop:
+        id -> "cancelled" (a cancel was requested) or "gone" (the record expired or was deleted)."""
         pipe = self.r.pipeline(transaction=False)
-        event = make_event("progress", step=step, total=total)
-        for job in jobs:
+        jobs = [job for job, _, _ in progress]
+        for job, step, total in progress:
+            event = make_event("progress", step=step, total=total)
             self._progress(keys=[Keys.job(job.id), Keys.events(job.id)], args=[step, total, event], client=pipe)
         outcome = {1: "cancelled", 2: "gone"}
         return {job.id: outcome[int(x)] for job, x in zip(jobs, pipe.execute()) if int(x) in outcome}
@@ -155,7 +163,7 @@ class WorkerQueue:
                 result = {"meta": json.dumps(meta), **{f"image:{k}": i.data for k, i in enumerate(o.images)}}
             flat = flatten(fields)
             self._finish(
-                keys=[Keys.job(o.job.id), Keys.result(o.job.id), Keys.stream(o.claimed.model), Keys.events(o.job.id)],
+                keys=[Keys.job(o.job.id), Keys.result(o.job.id), o.claimed.stream, Keys.events(o.job.id)],
                 args=[o.claimed.stream_id, self.ttl, make_event("done", status=o.status), len(flat), *flat,
                       *flatten(result)],
                 client=pipe,
@@ -165,8 +173,8 @@ class WorkerQueue:
     def drop(self, claimed: Claimed) -> None:
         """Ack and delete an entry whose job must not run (already finished, or expired)."""
         pipe = self.r.pipeline(transaction=False)
-        pipe.xack(Keys.stream(claimed.model), GROUP, claimed.stream_id)
-        pipe.xdel(Keys.stream(claimed.model), claimed.stream_id)
+        pipe.xack(claimed.stream, GROUP, claimed.stream_id)
+        pipe.xdel(claimed.stream, claimed.stream_id)
         pipe.execute()
 
     def dead_letter(self, job: Job, reason: str) -> None:
@@ -197,6 +205,6 @@ def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _claimed(model: str, sid, fields: dict, reclaimed: bool = False) -> Claimed:
+def _claimed(model: str, sid, fields: dict, reclaimed: bool = False, urgent: bool = False) -> Claimed:
     get = lambda k: fields.get(k.encode(), fields.get(k))  # noqa: E731  bytes or str keys
-    return Claimed(model, _text(sid), _text(get("job")), int(get("images") or 1), reclaimed)
+    return Claimed(model, _text(sid), _text(get("job")), int(get("images") or 1), reclaimed, urgent)

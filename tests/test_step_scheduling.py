@@ -1,0 +1,72 @@
+"""Step-level scheduling through the service (real Redis, API and worker processes): a job
+that joins a running batch mid-way, shares calls with rows of other step counts and samplers,
+or is paused for a high-priority one gives the same image as alone (within 2/255); deadlines
+end jobs; the new request fields are validated."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+
+from tests.conftest import generate, job_status, wait_until
+
+LONG = dict(model="slow-ldm", prompt="a yellow star at the top", steps=50, seed=7, sampler="ddim")
+SHORT = dict(model="slow-ldm", prompt="a blue circle", steps=10, seed=8, sampler="euler", guidance_scale=6.0)
+
+
+def pixels(job: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(job["images"][0]["data"])))).astype(int)
+
+
+def progress(api, job_id: str) -> int:
+    return (job_status(api, job_id).get("progress") or {}).get("step", 0)
+
+
+def finished(api, job_id: str) -> dict:
+    return wait_until(lambda: (j := job_status(api, job_id))["status"] in ("succeeded", "failed", "cancelled") and j,
+                      120, f"job {job_id} to finish")
+
+
+def test_a_job_joining_mid_way_with_another_step_count_gets_its_solo_image(api, start_worker):
+    start_worker("slow-ldm", "join-w")
+    long_id = generate(api, wait=False, **LONG).json()["id"]
+    wait_until(lambda: progress(api, long_id) >= 3, 60, "the long job to be under way")
+    short = generate(api, **SHORT).json()
+    assert short["status"] == "succeeded" and short["batch"]["size"] == 2  # it shared the long job's calls
+    long = finished(api, long_id)
+    assert long["status"] == "succeeded"
+    assert float(long["timings"]["total_s"]) > float(short["timings"]["total_s"])
+    short_alone, long_alone = generate(api, **SHORT).json(), generate(api, **LONG).json()
+    assert short_alone["batch"]["size"] == long_alone["batch"]["size"] == 1
+    for joined, alone in ((short, short_alone), (long, long_alone)):
+        assert np.abs(pixels(joined) - pixels(alone)).max() <= 2
+
+
+def test_a_high_priority_job_pauses_a_low_one_which_resumes_and_gives_its_solo_image(api, start_worker):
+    start_worker("huge-ldm", "prio-w", max_batch=1)
+    body = {**LONG, "model": "huge-ldm", "width": 192, "height": 192}  # long enough to be caught running
+    low_id = generate(api, wait=False, **body, priority="low").json()["id"]
+    wait_until(lambda: progress(api, low_id) >= 3, 60, "the low-priority job to be under way")
+    high = generate(api, **{**SHORT, "model": "huge-ldm"}, priority="high").json()
+    assert high["status"] == "succeeded" and high["batch"]["size"] == 1
+    low = finished(api, low_id)
+    assert low["status"] == "succeeded"
+    assert float(job_status(api, low_id)["created_at"]) + float(low["timings"]["total_s"]) > \
+        float(high["created_at"]) + float(high["timings"]["total_s"])  # the high one finished first
+    alone = generate(api, **body).json()
+    assert np.abs(pixels(low) - pixels(alone)).max() <= 2
+
+
+def test_a_job_past_its_timeout_fails_with_the_deadline_reason(api, start_worker):
+    start_worker("slow-ldm", "deadline-w")
+    job = generate(api, **{**LONG, "steps": 50, "width": 128, "height": 128}, timeout_s=0.05).json()
+    assert job["status"] == "failed" and job["error"].startswith("deadline"), job
+
+
+def test_priority_and_timeout_are_validated(api):
+    for body, field in (({"priority": "urgent"}, "priority"), ({"timeout_s": 0}, "timeout_s")):
+        response = generate(api, model="tiny-mmdit", prompt="a circle", **body)
+        assert response.status_code == 422 and field in response.text, response.text
