@@ -75,12 +75,14 @@ def test_shapes_ldm_generates_in_the_sd_pipeline():
 
     pipe = StableDiffusionPipeline.from_pretrained(MODELS / "shapes-ldm", safety_checker=None, feature_extractor=None,
                                                    requires_safety_checker=False, dtype=torch.float32)
-    assert pipe.scheduler.config.beta_schedule == "linear" and pipe.scheduler.config.prediction_type == "epsilon"
+    assert pipe.scheduler.config.beta_schedule == "linear" and pipe.scheduler.config.prediction_type == "v_prediction"
     image = pipe("a large red circle in the center on a white background", num_inference_steps=20,
                  guidance_scale=4.0, height=64, width=64, output_type="np",
                  generator=torch.Generator().manual_seed(0)).images[0]
     pixels = (image * 255).round().astype(np.uint8)
     assert pixels.shape == (64, 64, 3) and pixels.std() > 10  # a scene, not a flat or empty image
+    det = score_image(pixels)
+    assert det.background == "white" and det.objects and det.objects[0].color == "red", det
 
 
 def test_service_draws_the_prompted_colors(api, start_worker):
