@@ -82,7 +82,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.queue.ensure_group(model_id)
         except aioredis.RedisError as exc:  # serve anyway: /readyz reports it
             log.warning("redis not reachable at start: %s", exc)
+        await app.state.queue.events.start()
         yield
+        await app.state.queue.events.stop()
         await client.aclose()
 
     app = FastAPI(title="latentserve", version="0.1.0", lifespan=lifespan,
@@ -164,7 +166,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            while (event := await events.next_event(left)) is not None and event["type"] != "done":
+            # Re-read the record at least every few seconds: an event lost while the shared
+            # subscription reconnected only delays the answer.
+            while (event := await events.next_event(min(left, 5.0))) is not None and event["type"] != "done":
                 left = deadline - time.monotonic()
 
     async def get_job_or_404(q: ApiQueue, job_id: str) -> Job:

@@ -9,6 +9,7 @@ import redis
 import redis.asyncio as aioredis
 
 from service.queue import scripts
+from service.queue.events import EventHub, Subscription
 from service.queue.keys import GROUP, Keys
 from service.queue.records import Job, StoredImage, decode_images, decode_job, encode_job, flatten, make_event
 
@@ -21,6 +22,7 @@ class ApiQueue:
     def __init__(self, client: aioredis.Redis, job_ttl_s: int):
         self.r = client
         self.ttl = job_ttl_s
+        self.events = EventHub(client)  # started and stopped with the app (service.api)
         self._enqueue = client.register_script(scripts.ENQUEUE)
         self._cancel = client.register_script(scripts.CANCEL)
 
@@ -88,29 +90,6 @@ class ApiQueue:
                 counts[raw] = counts.get(raw, 0) + 1
         return [{**json.loads(k), "workers": n} for k, n in sorted(counts.items())]
 
-    def subscribe(self, job_id: str):
-        """A pub/sub handle already subscribed to the job's events (use as async context)."""
-        return _Subscription(self.r, Keys.events(job_id))
-
-
-class _Subscription:
-    def __init__(self, client: aioredis.Redis, channel: str):
-        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
-        self.channel = channel
-
-    async def __aenter__(self):
-        await self.pubsub.subscribe(self.channel)
-        return self
-
-    async def __aexit__(self, *exc):
-        await self.pubsub.unsubscribe(self.channel)
-        await self.pubsub.aclose()
-
-    async def next_event(self, timeout: float) -> dict | None:
-        """The next event, or None when `timeout` seconds pass without one."""
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            message = await self.pubsub.get_message(timeout=left)
-            if message and message["type"] == "message":
-                return json.loads(message["data"])
-        return None
+    def subscribe(self, job_id: str) -> Subscription:
+        """The job's events through the process's shared subscription (an async context)."""
+        return self.events.subscribe(job_id)
