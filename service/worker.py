@@ -58,6 +58,7 @@ class Worker:
         self.stopping = threading.Event()
         self.active: dict[str, Active] = {}  # job id -> the job and its rows
         self._peeked = 0.0  # when a full worker last read the high-priority lanes
+        self._checked_paused = 0.0  # when paused jobs were last checked for cancels
         # The entries this worker holds, kept fresh by the heartbeat thread. The lock keeps a
         # heartbeat from touching an entry just released (which would hide it again).
         self._holding: list[Claimed] = []
@@ -76,6 +77,7 @@ class Worker:
         while not (self.stopping.is_set() and not self._admitted()):
             try:
                 self._take(self._claim())
+                self._stop_paused()
                 decision = self.scheduler.schedule(time.time())
                 self._apply(decision)
                 if decision.run is not None:
@@ -200,6 +202,24 @@ class Worker:
                     self._forget(job.id)
                     self._fail_alone(a, exc)
 
+    def _stop_paused(self) -> None:
+        """A paused job cancelled (or expired) leaves now, not when it resumes (every 0.2 s)."""
+        paused = [self.active[e.id] for e in self.scheduler.entries.values() if e.state == "paused"]
+        if not paused or time.monotonic() - self._checked_paused < 0.2:
+            return
+        self._checked_paused = time.monotonic()
+        self._stop(paused, self.queue.stops([a.job for a in paused]))
+
+    def _stop(self, jobs: list[Active], stops: dict[str, str]) -> None:
+        for a in jobs:
+            stop = stops.get(a.job.id)
+            if stop is not None:
+                self._forget(a.job.id)
+                if stop == "gone":  # its record expired: nothing to store, ever
+                    self.queue.drop(a.claimed)
+                else:
+                    self._finish([Outcome(a.job, a.claimed, "cancelled", "cancelled while running")])
+
     def _forget(self, job_id: str) -> Active | None:
         self.scheduler.remove(job_id)
         return self.active.pop(job_id, None)
@@ -225,15 +245,7 @@ class Worker:
         self.scheduler.stepped(group, counter[0])
         self.exporter.batch(BatchRecord(model.spec.id, jobs[0].job.task, len(call.rows),
                                         [time.perf_counter() - started], counter[0]))
-        stops = self.queue.report_progress([(a.job, *a.progress()) for a in jobs])
-        for a in jobs:
-            stop = stops.get(a.job.id)
-            if stop is not None:
-                self._forget(a.job.id)
-                if stop == "gone":  # its record expired: nothing to store, ever
-                    self.queue.drop(a.claimed)
-                else:
-                    self._finish([Outcome(a.job, a.claimed, "cancelled", "cancelled while running")])
+        self._stop(jobs, self.queue.report_progress([(a.job, *a.progress()) for a in jobs]))
         done = [a for a in jobs if a.done and a.job.id in self.active]
         if done:
             self._deliver(model, done)

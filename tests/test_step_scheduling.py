@@ -70,3 +70,17 @@ def test_priority_and_timeout_are_validated(api):
     for body, field in (({"priority": "urgent"}, "priority"), ({"timeout_s": 0}, "timeout_s")):
         response = generate(api, model="tiny-mmdit", prompt="a circle", **body)
         assert response.status_code == 422 and field in response.text, response.text
+
+
+def test_a_paused_job_cancelled_leaves_at_once_not_when_it_would_resume(api, start_worker):
+    start_worker("huge-ldm", "pause-cancel-w", max_batch=1)
+    body = {**LONG, "model": "huge-ldm", "width": 192, "height": 192}
+    low_id = generate(api, wait=False, **body, priority="low").json()["id"]
+    wait_until(lambda: progress(api, low_id) >= 3, 60, "the low-priority job to be under way")
+    high_id = generate(api, wait=False, **{**body, "seed": 9}, priority="high").json()["id"]
+    wait_until(lambda: progress(api, high_id) >= 2, 60, "the high-priority job to run (the low one paused)")
+    assert api.delete(f"/v1/jobs/{low_id}").status_code == 202
+    low = finished(api, low_id)
+    assert low["status"] == "cancelled", low
+    assert job_status(api, high_id)["status"] == "running"  # it left while the high one still ran
+    assert finished(api, high_id)["status"] == "succeeded"

@@ -133,6 +133,21 @@ class WorkerQueue:
             out.append(int(attempts) if previous in ("queued", "running") else None)
         return out
 
+    def stops(self, jobs: list[Job]) -> dict[str, str]:
+        """Without publishing anything (paused jobs): which must stop, as report_progress says."""
+        pipe = self.r.pipeline(transaction=False)
+        for job in jobs:
+            pipe.hget(Keys.job(job.id), "cancel_requested")
+            pipe.exists(Keys.job(job.id))
+        replies = pipe.execute()
+        out = {}
+        for job, flag, exists in zip(jobs, replies[::2], replies[1::2]):
+            if not exists:
+                out[job.id] = "gone"
+            elif flag:
+                out[job.id] = "cancelled"
+        return out
+
     def report_progress(self, progress: list[tuple[Job, int, int]]) -> dict[str, str]:
         """Record and publish each job's (steps done, total). Returns the jobs that must stop:
         id -> "cancelled" (a cancel was requested) or "gone" (the record expired or was deleted)."""
