@@ -11,7 +11,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,train,test]'
+	$(PY) -m pip install -q -e '.[cpu,train,test,loadtest]'
 	@rm -f $(VENV)/.installed-* && touch $@
 
 venv: $(STAMP)

@@ -153,17 +153,31 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
     return params
 
 
-def begin_txt2img(model: LoadedModel, p: Txt2ImgParams) -> list[Row]:
-    images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
-                                   p.schedule, p.eta, p.guidance, p.guidance_interval, p.guidance_interval_fraction)
-              for seed in p.seeds()]
-    return txt2img.start_rows(model, txt2img.Txt2ImgBatch(p.width, p.height, p.sampler, p.steps, images))
+def begin_txt2img(model: LoadedModel, jobs: list[Txt2ImgParams]) -> list[list[Row]]:
+    """Each job's rows at step 0. Jobs of one size are begun together: one text-encoder call
+    for all their prompts (what batching buys at admission); noise comes from each image's
+    own seed either way."""
+    out: dict[int, list[Row]] = {}
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for k, p in enumerate(jobs):
+        by_size.setdefault((p.width, p.height), []).append(k)
+    for (width, height), ks in by_size.items():
+        images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
+                                       p.schedule, p.eta, p.guidance, p.guidance_interval,
+                                       p.guidance_interval_fraction)
+                  for p in (jobs[k] for k in ks) for seed in p.seeds()]
+        rows = txt2img.start_rows(model, txt2img.Txt2ImgBatch(width, height, images[0].sampler, images[0].steps, images))
+        start = 0
+        for k in ks:
+            out[k] = rows[start:start + jobs[k].num_images]
+            start += jobs[k].num_images
+    return [out[k] for k in range(len(jobs))]
 
 
 @dataclass(frozen=True)
 class Runner:
     parse: Callable[[Any, LoadedModel], Any]
-    begin: Callable[[LoadedModel, Any], list[Row]]  # parsed params -> the job's rows at step 0
+    begin: Callable[[LoadedModel, list[Any]], list[list[Row]]]  # parsed params of jobs -> each one's rows at step 0
     finish: Callable[[LoadedModel, list[Row]], torch.Tensor]  # finished rows of one shape -> uint8 pixels
 
 

@@ -181,7 +181,7 @@ class Worker:
 
     def _begin(self, admitted: list[Active]) -> None:
         """Mark admitted jobs running and give each its rows: prompts encoded, noise drawn."""
-        now = time.time()
+        now, ready = time.time(), []
         for a, attempt in zip(admitted, self.queue.start([a.claimed for a in admitted])):
             job = a.job
             if attempt is None:
@@ -196,11 +196,29 @@ class Worker:
                 self.queue.dead_letter(job, reason)
             else:
                 job.attempts, job.started_at = attempt, now
-                try:
-                    a.rows = RUNNERS[job.task].begin(self.models[job.model], a.params)
-                except Exception as exc:
-                    self._forget(job.id)
-                    self._fail_alone(a, exc)
+                ready.append(a)
+        by_runner: dict[tuple[str, str], list[Active]] = {}
+        for a in ready:
+            by_runner.setdefault((a.job.model, a.job.task), []).append(a)
+        for (model_id, task), jobs in by_runner.items():
+            try:
+                rows = RUNNERS[task].begin(self.models[model_id], [a.params for a in jobs])
+            except Exception as exc:
+                if len(jobs) == 1:
+                    self._forget(jobs[0].job.id)
+                    self._fail_alone(jobs[0], exc)
+                    continue
+                rows = []
+                for a in jobs:  # find the culprit: each alone
+                    try:
+                        rows.append(RUNNERS[task].begin(self.models[model_id], [a.params])[0])
+                    except Exception as alone:
+                        self._forget(a.job.id)
+                        self._fail_alone(a, alone)
+                        rows.append(None)
+            for a, r in zip(jobs, rows):
+                if r is not None:
+                    a.rows = r
 
     def _stop_paused(self) -> None:
         """A paused job cancelled (or expired) leaves now, not when it resumes (every 0.2 s)."""
