@@ -7,7 +7,8 @@ pure decisions (no Redis, no model), as vLLM v1's scheduler: the worker loop is
   samplers and guidance share each call of their group.
 - A group is what one engine call can hold: the model and the latent shape (and, under the
   whole-request policy, everything the old batches had to agree on).
-- Budget: a model's running rows (images) never exceed its max batch.
+- Budget: a group's running rows (images), i.e. one engine call, never exceed its model's max
+  batch; a model holds at most HOLD_GROUPS budgets of rows across its groups.
 - Fairness: the groups a worker holds take turns by deficit round robin over denoising cost
   (network rows per step; Shreedhar & Varghese 1996), so each gets an equal share of the
   engine whatever its image size or guidance, and none starves. A job of a new group that
@@ -27,6 +28,10 @@ from dataclasses import dataclass, field
 from typing import Hashable
 
 PRIORITIES = {"high": 0, "normal": 1, "low": 2}
+# A step's call holds one group's rows, up to the model's budget; a worker holds at most this
+# many budgets' worth of rows across groups, so each shape's calls can be full while others
+# wait their turn (measured: sharing one budget between shapes made every call smaller).
+HOLD_GROUPS = 2
 POLICIES = ("step", "request")
 
 
@@ -83,14 +88,16 @@ class Scheduler:
     def running(self, group: Hashable | None = None) -> list[Entry]:
         return [e for e in self.entries.values() if e.state == "running" and (group is None or e.group == group)]
 
-    def used(self, model: str) -> int:
-        return sum(e.images for e in self.entries.values() if e.state == "running" and e.model == model)
+    def used(self, model: str, group: Hashable | None = None) -> int:
+        """Running images of the model (of one group, if given)."""
+        return sum(e.images for e in self.running(group) if e.model == model)
 
     def free(self, model: str) -> int:
         """Images the model can still admit now (what a worker should claim)."""
         if self.policy == "request" and self.used(model):
             return 0  # the running batch admits nothing until it ends
-        return max(0, self.budgets[model] - self.used(model) - self.waiting_images(model))
+        hold = self.budgets[model] * (1 if self.policy == "request" else HOLD_GROUPS)
+        return max(0, hold - self.used(model) - self.waiting_images(model))
 
     def waiting_images(self, model: str) -> int:
         return sum(e.images for e in self.entries.values() if e.state == "waiting" and e.model == model)
@@ -132,25 +139,32 @@ class Scheduler:
                             break
             d.release += [e.id for e in candidates if e.state == "waiting"]
             return
+        hold = HOLD_GROUPS * budget
         for e in candidates:  # in order; the first that can't be made to fit ends admission (no overtaking)
             running_groups = {r.group for r in self.running() if r.model == model}
             if e.state == "waiting" and not e.offered and running_groups and e.group not in running_groups:
                 continue  # a new shape while busy: offered to idle workers first (released below)
-            room = budget - self.used(model)
-            if e.images > room and self.used(model) > 0:
-                victims = self._victims(model, e, e.images - room)
-                if victims is None:
-                    break
-                for v in victims:
-                    v.state = "paused"
-                    d.pause.append(v.id)
-            self._start(e, d)  # fits now, or is larger than the budget and runs alone
+            # Room in its group's calls (the budget), then in what the model holds (HOLD_GROUPS budgets).
+            for group, limit in ((e.group, budget), (None, hold)):
+                used = self.used(model, group)
+                if e.images > limit - used and used > 0:
+                    victims = self._victims(model, e, e.images - (limit - used), group)
+                    if victims is None:
+                        break
+                    for v in victims:
+                        v.state = "paused"
+                        d.pause.append(v.id)
+            else:
+                self._start(e, d)  # fits now, or is larger than the budget and runs alone
+                continue
+            break
         d.release += [e.id for e in candidates if e.state == "waiting"]
 
-    def _victims(self, model: str, for_entry: Entry, need: int) -> list[Entry] | None:
-        """Running jobs of lower priority than `for_entry` to pause, lowest priority and
-        latest arrival first, freeing at least `need` images; None if they can't."""
-        lower = sorted((e for e in self.running() if e.model == model and e.priority > for_entry.priority),
+    def _victims(self, model: str, for_entry: Entry, need: int, group: Hashable | None) -> list[Entry] | None:
+        """Running jobs (of `group`, if given) of lower priority than `for_entry` to pause,
+        lowest priority and latest arrival first, freeing at least `need` images; None if
+        they can't."""
+        lower = sorted((e for e in self.running(group) if e.model == model and e.priority > for_entry.priority),
                        key=Entry.order, reverse=True)
         chosen, freed = [], 0
         for e in lower:

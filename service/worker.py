@@ -59,6 +59,7 @@ class Worker:
         self.active: dict[str, Active] = {}  # job id -> the job and its rows
         self._peeked = 0.0  # when a full worker last read the high-priority lanes
         self._checked_paused = 0.0  # when paused jobs were last checked for cancels
+        self._swept = 0.0  # when a busy worker last looked for reclaimable entries
         # The entries this worker holds, kept fresh by the heartbeat thread. The lock keeps a
         # heartbeat from touching an entry just released (which would hide it again).
         self._holding: list[Claimed] = []
@@ -113,7 +114,16 @@ class Worker:
                                         urgent_only=True)
             return []
         idle = not self.active
-        claimed = self.queue.claim(models, room, 1000 if idle else None, self.idle_ms)
+        # Busy, between steps: new entries and wake-ups only; a dead worker's entries (which
+        # no wake entry announces) are looked for once a second.
+        sweep = idle or time.monotonic() - self._swept > 1.0
+        if sweep:
+            self._swept = time.monotonic()
+        if idle:
+            claimed = self.queue.claim(models, room, 1000, self.idle_ms)
+        else:  # each model only what it has room for: one model's backlog must not fill another's room
+            claimed = [c for m in models if (free := self.scheduler.free(m)) > 0
+                       for c in self.queue.claim([m], free, None, self.idle_ms, autoclaim=sweep)]
         fresh = claimed and not any(c.reclaimed for c in claimed)
         if (self.settings.scheduler == "request" and fresh and idle and len(claimed) < room
                 and self.settings.fill_window_s > 0):

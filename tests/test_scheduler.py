@@ -144,3 +144,18 @@ def test_a_new_shape_reaching_a_busy_worker_is_offered_to_idle_workers_once_then
     d = s.schedule(0)
     assert d.admit == ["2"]
     assert set(run_steps(s, 4)) == {("m", "64"), ("m", "128")}  # both progress
+
+
+def test_each_shape_fills_its_own_calls_up_to_the_budget_and_a_model_holds_two_budgets():
+    """Sharing one budget between shapes made every call smaller (measured in the open-loop
+    load test): a call holds one group's rows, up to the budget; a model holds two budgets."""
+    s = Scheduler({"m": 4})
+    for i in range(4):
+        s.add(entry(i, group="64"))
+    for i in range(4, 8):
+        s.add(entry(i, group="96"))
+    s.add(entry(8, group="128"))
+    d = s.schedule(0)
+    assert sorted(d.admit, key=int) == [str(i) for i in range(8)] and d.release == ["8"]
+    assert s.cost(("m", "64")) == s.cost(("m", "96")) == 4
+    assert s.free("m") == 0
