@@ -25,8 +25,6 @@ import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
 
-from engines import loader
-from engines.cache import EngineCache
 from engines.model import LoadedModel
 from engines.registry import load_registry
 from engines.tasks import txt2img
@@ -37,6 +35,7 @@ from service.media import encode_image
 from service.metrics import BatchRecord, JobRecord, WorkerExporter
 from service.queue import Claimed, Outcome, StoredImage, WorkerQueue, check_redis_version, redis_version
 from service.runners import RUNNERS, JobInputError
+from service.worker_models import load_models
 from service.scheduler import Decision, Scheduler
 
 log = logging.getLogger("latentserve.worker")
@@ -363,16 +362,6 @@ class Worker:
             ))
 
 
-def warm_up(model: LoadedModel) -> float:
-    """One short generation at the default size, so the first request pays no first-call costs."""
-    d = model.spec.defaults
-    batch = txt2img.Txt2ImgBatch(d.width, d.height, d.sampler, 2,
-                                 [txt2img.ImageRequest("warm up", "", 0, d.guidance_scale)])
-    started = time.perf_counter()
-    txt2img.run(model, batch)
-    return time.perf_counter() - started
-
-
 def main() -> None:
     settings = load_settings()
     logging.basicConfig(level=settings.log_level.upper(),
@@ -385,19 +374,7 @@ def main() -> None:
     model_ids = settings.model_ids or [registry.default]
     registry_metrics = CollectorRegistry()
     exporter = WorkerExporter(registry_metrics)
-    cache = EngineCache(settings.engine_cache or None)
-    models = {}
-    for model_id in model_ids:
-        started = time.perf_counter()
-        model = loader.load_with_guide(
-            registry, registry.get(model_id), engine=settings.engine, precision=settings.precision,
-            device=settings.device, cache=cache, on_event=exporter.engine_lookup,
-            threads=settings.torch_threads, cuda_graphs=bool(settings.cuda_graphs),
-        )
-        exporter.engine_info.labels(model_id, model.engine, model.precision, model.device).set(1)
-        models[model_id] = model
-        log.info("loaded %s on %s %s (%s) in %.2fs; warm-up %.2fs", model_id, model.engine, model.precision,
-                 model.device, time.perf_counter() - started, warm_up(model))
+    models = load_models(registry, model_ids, settings, exporter)
 
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)

@@ -1,0 +1,45 @@
+"""What a worker serves: each model loaded once through its engine (and its guide model), its
+engine published as a metric, and warmed up so the first request pays no first-call costs."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from engines import loader
+from engines.cache import EngineCache
+from engines.model import LoadedModel
+from engines.registry import Registry
+from engines.tasks import txt2img
+from service.config import Settings
+from service.metrics import WorkerExporter
+
+log = logging.getLogger("latentserve.worker")
+
+
+def load_models(registry: Registry, model_ids: list[str], settings: Settings,
+                exporter: WorkerExporter) -> dict[str, LoadedModel]:
+    cache = EngineCache(settings.engine_cache or None)
+    models = {}
+    for model_id in model_ids:
+        started = time.perf_counter()
+        model = loader.load_with_guide(
+            registry, registry.get(model_id), engine=settings.engine, precision=settings.precision,
+            device=settings.device, cache=cache, on_event=exporter.engine_lookup,
+            threads=settings.torch_threads, cuda_graphs=bool(settings.cuda_graphs),
+        )
+        exporter.engine_info.labels(model_id, model.engine, model.precision, model.device).set(1)
+        models[model_id] = model
+        log.info("loaded %s on %s %s (%s) in %.2fs; warm-up %.2fs", model_id, model.engine, model.precision,
+                 model.device, time.perf_counter() - started, warm_up(model))
+    return models
+
+
+def warm_up(model: LoadedModel) -> float:
+    """One short generation at the default size, so the first request pays no first-call costs."""
+    d = model.spec.defaults
+    batch = txt2img.Txt2ImgBatch(d.width, d.height, d.sampler, 2,
+                                 [txt2img.ImageRequest("warm up", "", 0, d.guidance_scale)])
+    started = time.perf_counter()
+    txt2img.run(model, batch)
+    return time.perf_counter() - started
