@@ -518,12 +518,11 @@ def job_onnx(job: dict, rec: Recorder) -> None:
     loads them, so its peak memory is serving's, not the exporter's."""
     from engines.cache import EngineCache
     from engines.components import TXT2IMG_COMPONENTS
-    from engines.layout import ModelLayout
-    from engines.loader import Builder
+    from export import artefacts
 
     spec = model_spec(job["model"])
     events = []
-    builder = Builder(spec, ModelLayout.read(spec), EngineCache(job["cache"]), "cpu", events.append)
+    builder = artefacts.builder(spec, EngineCache(job["cache"]), "cpu", events.append)
     started = time.perf_counter()
     for name in TXT2IMG_COMPONENTS[spec.family]:
         builder.onnx(name, "fp32")
@@ -534,9 +533,9 @@ def job_onnx(job: dict, rec: Recorder) -> None:
 
 def job_engine(job: dict, rec: Recorder) -> None:
     """Load a model on one engine, then time its denoiser and a guided generation."""
-    from engines import loader
     from engines.cache import EngineCache
     from engines.components import component_spec
+    from export import artefacts
     from engines.layout import ModelLayout
     from engines.tasks.txt2img import ImageRequest, Txt2ImgBatch, run
 
@@ -545,7 +544,7 @@ def job_engine(job: dict, rec: Recorder) -> None:
     layout = ModelLayout.read(spec)
     events = []
     started = time.perf_counter()
-    model = loader.load(spec, engine=job["engine"], precision=job["precision"], cache=EngineCache(job["cache"]),
+    model = artefacts.load(spec, engine=job["engine"], precision=job["precision"], cache=EngineCache(job["cache"]),
                         threads=job["threads"], on_event=events.append)
     rec["load_s"] = round(time.perf_counter() - started, 2)
     rec["cache_events"] = [asdict(e) for e in events]

@@ -1,9 +1,12 @@
 """Load a registry model on an engine: find or build every component's artefact in the cache,
 open it in its backend, and assemble the model the tasks run.
 
-    model = load(spec)                                        # the registry's engine
-    model = load(spec, engine="onnxruntime", cache=EngineCache(dir), on_event=print)
-    model = load(spec, engine="auto")                         # fastest measured on this host
+    model = load(spec)                                        # torch: the weights themselves
+    model = load(spec, engine="onnxruntime", artefacts=ExportArtefacts(), cache=EngineCache(dir))
+    model = export.artefacts.load(spec, engine="auto")        # the same, with export's builders
+
+Building artefacts (ONNX export, TensorRT plans) is export/'s business: a caller that wants
+them passes `artefacts` (export.artefacts.ExportArtefacts), so engines never import export.
 
 Every cache lookup is reported to `on_event` as a plain CacheEvent (the worker counts them
 in its metrics and logs build times).
@@ -11,12 +14,11 @@ in its metrics and logs build times).
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -27,18 +29,26 @@ from engines.components import (FAMILY_COMPONENTS, TXT2IMG_COMPONENTS, component
                                 example_inputs)
 from engines.layout import ModelLayout
 from engines.model import LoadedModel, assemble, load_tokenizers
-from engines.profiles import profiles
 from engines.registry import ModelSpec
 
 log = logging.getLogger("latentserve.engines")
+
+
+class Artefacts(Protocol):
+    """Builds a component's artefact into the cache through `builder` (its key, get, module)."""
+
+    def onnx(self, builder: "Builder", component: str, precision: str) -> Path: ...
+
+    def tensorrt(self, builder: "Builder", component: str, precision: str) -> Path: ...
 
 
 class Builder:
     """Finds or builds the artefacts of one model; loads torch modules only on a miss."""
 
     def __init__(self, spec: ModelSpec, layout: ModelLayout, cache: EngineCache, device: str,
-                 on_event: Callable[[CacheEvent], None] | None = None):
+                 on_event: Callable[[CacheEvent], None] | None = None, artefacts: Artefacts | None = None):
         self.spec, self.layout, self.cache, self.device = spec, layout, cache, device
+        self.artefacts = artefacts
         self.on_event = on_event or (lambda _e: None)
         self._modules: dict[str, torch.nn.Module] = {}
         self._weights: dict[str, str] = {}  # subfolder -> hash, once per load
@@ -70,40 +80,18 @@ class Builder:
         return self._modules[component]
 
     def onnx(self, component: str, precision: str = "fp32") -> Path:
-        """The component's ONNX graph (dynamic batch and size): exported and checked on a miss."""
-        from export import onnx_export
-
-        cspec = component_spec(component, self.spec.family, self.layout)
-        signature = {"inputs": [[t.name, t.dtype, list(t.dims)] for t in cspec.inputs],
-                     "outputs": [[t.name, t.dtype, list(t.dims)] for t in cspec.outputs],
-                     "opset": onnx_export.OPSET}
-        key = self.key(component, "onnx", precision, signature, library_versions("torch", "onnx"), "any")
-
-        def build(tmp: Path) -> dict:
-            module = self.module(component)
-            info = onnx_export.export(module, cspec, self.layout, tmp / "model.onnx", precision)
-            if precision == "fp32":  # reduced-precision graphs are checked end to end instead
-                info.update(onnx_export.check(module, cspec, self.layout, tmp / "model.onnx"))
-                if info["max_abs_diff"] > onnx_export.tolerance(info["ref_max_abs"]):
-                    raise EngineError(f"{self.spec.id}/{component}: ONNX differs from torch by "
-                                      f"{info['max_abs_diff']:.2e} (bound {onnx_export.tolerance(info['ref_max_abs']):.1e})")
-            return info
-
-        return self.get(key, build).path / "model.onnx"
+        """The component's ONNX graph (dynamic batch and size), found or built by `artefacts`."""
+        return self._artefacts(component, "ONNX graphs").onnx(self, component, precision)
 
     def tensorrt(self, component: str, precision: str) -> Path:
-        from export import tensorrt_build
+        """The component's TensorRT plan for this device, found or built by `artefacts`."""
+        return self._artefacts(component, "TensorRT plans").tensorrt(self, component, precision)
 
-        onnx_path = self.onnx(component, precision)
-        cspec = component_spec(component, self.spec.family, self.layout)
-        plan_profiles = profiles(cspec, self.layout, self.spec.limits, self.spec.defaults, self.spec.max_batch)
-        versions = library_versions("tensorrt", "torch", "onnx")
-        device = device_fingerprint(self.device)
-        key = self.key(component, "tensorrt", precision, [p.as_json() for p in plan_profiles], versions, device)
-        timing = self.cache.root / "timing-caches" / f"{device}-{json.loads(versions)['tensorrt']}.cache"
-        timing.parent.mkdir(parents=True, exist_ok=True)
-        return self.get(key, lambda tmp: tensorrt_build.build(onnx_path, plan_profiles, tmp / "model.plan", timing)
-                         ).path / "model.plan"
+    def _artefacts(self, component: str, what: str) -> "Artefacts":
+        if self.artefacts is None:
+            raise EngineError(f"{self.spec.id}/{component}: no builder of {what} was passed in; "
+                              "load through export.artefacts.load (engines never import export)")
+        return self.artefacts
 
 
 def _engines(builder: Builder, engine: str, precision: str, device: str, names, threads: int,
@@ -152,11 +140,12 @@ def measure_denoiser(model: LoadedModel, layout: ModelLayout, repeats: int = 5) 
 
 def load(spec: ModelSpec, *, engine: str = "", precision: str = "", device: str = "cpu",
          cache: EngineCache | None = None, on_event: Callable[[CacheEvent], None] | None = None,
-         threads: int = 0, cuda_graphs: bool = True, components: tuple[str, ...] | None = None) -> LoadedModel:
+         threads: int = 0, cuda_graphs: bool = True, components: tuple[str, ...] | None = None,
+         artefacts: Artefacts | None = None) -> LoadedModel:
     engine, precision = selection.requested(spec, engine, precision)
     layout = ModelLayout.read(spec)
     cache = cache or EngineCache()
-    builder = Builder(spec, layout, cache, device, on_event)
+    builder = Builder(spec, layout, cache, device, on_event, artefacts)
     names = components or TXT2IMG_COMPONENTS[spec.family]
     tokenizers = load_tokenizers(spec)
 

@@ -1,28 +1,87 @@
-"""A loaded model: the pieces a task composes, whatever backend computes them.
+"""A loaded model: its components as named objects a task calls, whatever backend computes them.
 
-`assemble` turns component engines (engines.backends.base.Engine) into the functions tasks
-call, so a task never knows whether torch, onnxruntime or TensorRT is underneath.
+One denoiser call, from the scheduler to the engine, reads:
+`evaluator` (engines.guidance) -> `model.denoiser` (a `DiscreteVPDenoiser` / `FlowDenoiser`:
+sigmas in, x0 out) -> its `net` (`UNetNet` / `MMDiTNet`: names the tensors) -> the component
+`Engine` (torch, onnxruntime or TensorRT). Prompts go through `PromptEncoder`, pixels and
+latents through `Vae`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
+from engines.backends.base import Engine
 from engines.conditioning import Conditioning, encode_ldm, encode_mmdit
 from engines.denoisers import DiscreteVPDenoiser, FlowDenoiser
 from engines.layout import ModelLayout
 from engines.registry import ModelSpec
 
 
+@dataclass(frozen=True)
+class UNetNet:
+    """An LDM UNet component as the denoiser's network: (x, t, cond) -> eps or v."""
+
+    engine: Engine
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.engine(sample=x, timestep=t, encoder_hidden_states=cond.embeds)["out_sample"]
+
+
+@dataclass(frozen=True)
+class MMDiTNet:
+    """An MMDiT transformer component as the denoiser's network: (x, t, cond) -> velocity."""
+
+    engine: Engine
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        return self.engine(sample=x, timestep=t, encoder_hidden_states=cond.embeds,
+                           pooled_projections=cond.pooled)["out_sample"]
+
+
+@dataclass(frozen=True)
+class PromptEncoder:
+    """Prompts -> conditioning, as the family's diffusers pipeline encodes them."""
+
+    family: str
+    tokenizers: list
+    engines: list[Engine]  # the text encoder components, in order
+    layout: ModelLayout
+
+    def __call__(self, prompts: list[str]) -> Conditioning:
+        if self.family == "ldm":
+            return encode_ldm(self.tokenizers[0], self.engines[0], prompts)
+        return encode_mmdit(self.tokenizers, self.engines, prompts, self.layout.context_width,
+                            self.layout.t5_tokens)
+
+
+@dataclass(frozen=True)
+class Vae:
+    """Latents <-> pixels in [-1, 1], with the model's scaling and shift applied here only."""
+
+    decoder: Engine
+    encoder: Engine | None  # loaded only for image-conditioned tasks
+    scaling_factor: float
+    shift_factor: float
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decoder(latent=latents / self.scaling_factor + self.shift_factor)["image"]
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (the posterior mean)."""
+        if self.encoder is None:
+            raise ValueError("this model was loaded without its vae_encoder component")
+        return (self.encoder(image=images)["latent"] - self.shift_factor) * self.scaling_factor
+
+
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    encode_prompts: Callable[[list[str]], Conditioning]
+    prompt_encoder: PromptEncoder
     denoiser: DiscreteVPDenoiser | FlowDenoiser
-    decode_latents: Callable[[torch.Tensor], torch.Tensor]  # latents -> images in [-1, 1]
+    vae: Vae
     scheduler_config: dict
     latent_channels: int
     vae_scale_factor: int  # pixels per latent cell
@@ -33,6 +92,17 @@ class LoadedModel:
     components: dict = field(default_factory=dict)  # name -> Engine
     guide: "LoadedModel | None" = None  # the registry's guide model, for autoguidance
 
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        return self.prompt_encoder(prompts)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> images in [-1, 1]."""
+        return self.vae.decode(latents)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents."""
+        return self.vae.encode(images)
+
 
 def load_tokenizers(spec: ModelSpec) -> list:
     from transformers import AutoTokenizer
@@ -40,40 +110,23 @@ def load_tokenizers(spec: ModelSpec) -> list:
     return [AutoTokenizer.from_pretrained(d, local_files_only=True) for d in spec.tokenizer_dirs()]
 
 
-def assemble(spec: ModelSpec, layout: ModelLayout, tokenizers: list, engines: dict,
+def assemble(spec: ModelSpec, layout: ModelLayout, tokenizers: list, engines: dict[str, Engine],
              engine: str, precision: str, device: str = "cpu") -> LoadedModel:
+    """Component engines -> the model's named parts."""
     if spec.limits.size_multiple % layout.size_multiple:
         raise ValueError(
             f"{spec.id}: registry size_multiple {spec.limits.size_multiple} must be a multiple of "
             f"{layout.size_multiple} (VAE x{layout.vae_scale_factor}, denoiser x{layout.denoiser_factor})"
         )
-    unet_or_dit = engines["denoiser"]
     if spec.family == "ldm":
-        def net(x, t, cond: Conditioning):
-            return unet_or_dit(sample=x, timestep=t, encoder_hidden_states=cond.embeds)["out_sample"]
-
-        denoiser = DiscreteVPDenoiser.from_scheduler_config(net, layout.scheduler_config)
-
-        def encode(prompts):
-            return encode_ldm(tokenizers[0], engines["text_encoder"], prompts)
+        denoiser = DiscreteVPDenoiser.from_scheduler_config(UNetNet(engines["denoiser"]), layout.scheduler_config)
+        text = [engines["text_encoder"]]
     else:
-        def net(x, t, cond: Conditioning):
-            return unet_or_dit(sample=x, timestep=t, encoder_hidden_states=cond.embeds,
-                               pooled_projections=cond.pooled)["out_sample"]
-
-        denoiser = FlowDenoiser(net, layout.scheduler_config.get("num_train_timesteps", 1000))
-        text_encoders = [engines["text_encoder"], engines["text_encoder_2"]]
-
-        def encode(prompts):
-            return encode_mmdit(tokenizers, text_encoders, prompts, layout.context_width, layout.t5_tokens)
-
-    vae_decoder = engines["vae_decoder"]
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        return vae_decoder(latent=latents / layout.scaling_factor + layout.shift_factor)["image"]
-
+        denoiser = FlowDenoiser(MMDiTNet(engines["denoiser"]), layout.scheduler_config.get("num_train_timesteps", 1000))
+        text = [engines["text_encoder"], engines["text_encoder_2"]]
     return LoadedModel(
-        spec=spec, encode_prompts=encode, denoiser=denoiser, decode_latents=decode,
+        spec=spec, prompt_encoder=PromptEncoder(spec.family, tokenizers, text, layout), denoiser=denoiser,
+        vae=Vae(engines["vae_decoder"], engines.get("vae_encoder"), layout.scaling_factor, layout.shift_factor),
         scheduler_config=layout.scheduler_config, latent_channels=layout.latent_channels,
         vae_scale_factor=layout.vae_scale_factor, size_multiple=layout.size_multiple,
         engine=engine, precision=precision, device=device, components=engines,

@@ -15,7 +15,8 @@ Format (paths are relative to the manifest's directory unless absolute):
           "defaults": {"sampler": "flow_euler", "steps": 20, "guidance_scale": 4.0,
                        "width": 64, "height": 64},
           "limits": {"min_size": 32, "max_size": 128, "size_multiple": 16,
-                     "max_steps": 50, "max_guidance_scale": 30.0, "max_queue": 256},
+                     "max_steps": 50, "max_guidance_scale": 30.0, "max_queue": 256,
+                     "max_wait_s": 0},
           "engine": "torch", "precision": "fp32", "max_batch": 8,
           "options": {"t5_sequence_length": 256},  # and APG's apg_momentum, apg_norm_threshold, apg_eta
           "guide": "tiny-mmdit-guide"              # optional: the guide model for autoguidance
@@ -63,6 +64,8 @@ class Limits:
     max_steps: int = 50
     max_guidance_scale: float = 30.0
     max_queue: int = 256  # queued + running jobs before the API answers 429
+    # 429 when a new job's predicted finish (service.cost) is further away than this (0: no limit).
+    max_wait_s: float = 0.0
     # The (width, height) pairs the model serves, when it serves only some (a model trained at a
     # few sizes); empty: any size within min/max and the multiple.
     sizes: tuple[tuple[int, int], ...] = ()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import random
 import statistics
@@ -45,6 +46,13 @@ MIX = [
     ("long-28", 0.15, {"model": "shapes-mmdit", "steps": 28}),
     ("96px-20-unguided", 0.15, {"model": "shapes-mmdit", "width": 96, "height": 96, "guidance": "none"}),
 ]
+# The same classes on the SD-1.5-sized random-weight stand-in at 512x512 (--stand-in sd15, GPU hosts).
+SD15_MIX = [
+    ("few-4", 0.3, {"model": "sd15-sized", "steps": 4, "guidance": "none"}),
+    ("default-20", 0.4, {"model": "sd15-sized"}),
+    ("long-28", 0.15, {"model": "sd15-sized", "steps": 28}),
+    ("768px-20-unguided", 0.15, {"model": "sd15-sized", "width": 768, "height": 512, "guidance": "none"}),
+]
 PROMPTS = ["a large red circle on the left", "a small blue square at the top", "a green triangle in the center",
            "a yellow star on the right", "a purple circle and an orange square"]
 
@@ -58,13 +66,13 @@ def percentile(values: list[float], q: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def body_of(cls: str, k: int) -> dict:
-    body = dict(next(b for name, _, b in MIX if name == cls))
+def body_of(mix: list, cls: str, k: int) -> dict:
+    body = dict(next(b for name, _, b in mix if name == cls))
     return {**body, "prompt": PROMPTS[k % len(PROMPTS)], "seed": k}
 
 
-async def one(client: httpx.AsyncClient, cls: str, k: int, sent_at: float) -> dict:
-    response = await client.post("/v1/generate", params={"wait": "true"}, json=body_of(cls, k))
+async def one(client: httpx.AsyncClient, mix: list, cls: str, k: int, sent_at: float) -> dict:
+    response = await client.post("/v1/generate", params={"wait": "true"}, json=body_of(mix, cls, k))
     job = response.json()
     while response.status_code == 202 and job.get("id"):  # waited past the API's limit: poll
         await asyncio.sleep(0.5)
@@ -79,13 +87,13 @@ async def one(client: httpx.AsyncClient, cls: str, k: int, sent_at: float) -> di
             "inference_s": timings.get("inference_s"), "batch": (job.get("batch") or {}).get("size")}
 
 
-def summarize(results: list[dict], start: float, seconds: float) -> dict:
+def summarize(results: list[dict], start: float, seconds: float, mix: list) -> dict:
     """Latencies of every succeeded job; throughput counts only those done inside the window
     (a drain after it would make an overloaded server look faster or slower than it is)."""
     ok = [r for r in results if r["status"] == "succeeded"]
     inside = sum(1 for r in ok if r["done_at"] <= start + seconds)
     out = {"sent": len(results), "succeeded": len(ok), "throughput_jobs_s": round(inside / seconds, 3)}
-    for name, rows in [("all", ok)] + [(c, [r for r in ok if r["class"] == c]) for c, _, _ in MIX]:
+    for name, rows in [("all", ok)] + [(c, [r for r in ok if r["class"] == c]) for c, _, _ in mix]:
         lat = [r["latency_s"] for r in rows]
         wait = [r["queue_s"] for r in rows if r["queue_s"] is not None]
         out[name] = {"n": len(rows), **{f"p{int(q * 100)}_s": _round(percentile(lat, q)) for q in (0.5, 0.95, 0.99)},
@@ -97,9 +105,9 @@ def _round(v):
     return None if v is None else round(v, 3)
 
 
-async def open_loop(url: str, rate: float, seconds: float, seed: int) -> dict:
+async def open_loop(url: str, mix: list, rate: float, seconds: float, seed: int) -> dict:
     rng = random.Random(seed)
-    classes, weights = [c for c, _, _ in MIX], [w for _, w, _ in MIX]
+    classes, weights = [c for c, _, _ in mix], [w for _, w, _ in mix]
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=2000)) as client:
         tasks, started, t, k = [], time.perf_counter(), 0.0, 0
         while True:
@@ -108,31 +116,32 @@ async def open_loop(url: str, rate: float, seconds: float, seed: int) -> dict:
                 break
             await asyncio.sleep(max(0.0, started + t - time.perf_counter()))
             cls = rng.choices(classes, weights)[0]
-            tasks.append(asyncio.create_task(one(client, cls, seed * 100000 + k, time.perf_counter())))
+            tasks.append(asyncio.create_task(one(client, mix, cls, seed * 100000 + k, time.perf_counter())))
             k += 1
         results = await asyncio.gather(*tasks)
         drained = time.perf_counter() - started  # arrivals plus the drain of what they left
-    return {"offered_jobs_s": round(rate, 3), **summarize(results, started, seconds), "drained_s": round(drained, 2)}
+    return {"offered_jobs_s": round(rate, 3), **summarize(results, started, seconds, mix), "drained_s": round(drained, 2)}
 
 
-async def closed_loop(url: str, clients: int, seconds: float, seed: int) -> dict:
+async def closed_loop(url: str, mix: list, clients: int, seconds: float, seed: int) -> dict:
     rng = random.Random(seed)
-    classes, weights = [c for c, _, _ in MIX], [w for _, w, _ in MIX]
+    classes, weights = [c for c, _, _ in mix], [w for _, w, _ in mix]
     results, stop_at = [], time.perf_counter() + seconds
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         async def user(u: int):
             k = 0
             while time.perf_counter() < stop_at:
-                results.append(await one(client, rng.choices(classes, weights)[0], u * 10000 + k, time.perf_counter()))
+                results.append(await one(client, mix, rng.choices(classes, weights)[0], u * 10000 + k,
+                                         time.perf_counter()))
                 k += 1
         started = time.perf_counter()
         await asyncio.gather(*(user(u) for u in range(clients)))
-    return {"clients": clients, **summarize(results, started, seconds)}
+    return {"clients": clients, **summarize(results, started, seconds, mix)}
 
 
-async def lone(url: str, n: int) -> dict:
+async def lone(url: str, mix: list, n: int) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        rows = [await one(client, "default-20", k, time.perf_counter()) for k in range(n)]
+        rows = [await one(client, mix, "default-20", k, time.perf_counter()) for k in range(n)]
     e2e = statistics.median(r["latency_s"] for r in rows)
     inference = statistics.median(r["inference_s"] for r in rows)
     return {"n": n, "end_to_end_s": round(e2e, 4), "inference_s": round(inference, 4),
@@ -141,18 +150,46 @@ async def lone(url: str, n: int) -> dict:
 
 def run_config(name: str, args, saturation: float | None, log_dir: Path) -> dict:
     (log_dir / name).mkdir(parents=True, exist_ok=True)
-    stack = Stack(["shapes-mmdit", "shapes-mmdit-turbo"], CONFIGS[name], log_dir / name)
+    mix = args.mix
+    stack = Stack(sorted({b["model"] for _, _, b in mix}), CONFIGS[name], log_dir / name)
     try:
-        asyncio.run(closed_loop(stack.url, 4, 2 if args.quick else 6, 99))  # warm-up: every class, every cache
-        out = {"settings": CONFIGS[name], "lone": asyncio.run(lone(stack.url, 5))}
-        out["closed_16"] = asyncio.run(closed_loop(stack.url, 16, args.duration, 1))
+        asyncio.run(closed_loop(stack.url, mix, 4, 2 if args.quick else 6, 99))  # warm-up: every class, every cache
+        out = {"settings": CONFIGS[name], "lone": asyncio.run(lone(stack.url, mix, 5))}
+        out["closed_16"] = asyncio.run(closed_loop(stack.url, mix, 16, args.duration, 1))
         saturation = saturation or out["closed_16"]["throughput_jobs_s"]
-        out["open"] = [asyncio.run(open_loop(stack.url, f * saturation, args.duration, 7 + i))
+        out["open"] = [asyncio.run(open_loop(stack.url, mix, f * saturation, args.duration, 7 + i))
                        for i, f in enumerate(args.rates)]
         print(name, json.dumps({k: out[k] for k in ("lone", "closed_16")}), flush=True)
         return out
     finally:
         stack.close()
+
+
+def serve_stand_in(work: Path, quick: bool) -> str:
+    """Build the SD-1.5-sized random-weight model and a registry serving it; the servers'
+    processes inherit the settings. Returns the device's name."""
+    from bench.engines import build_arch
+
+    path = work / ("sd15-sized-quick" if quick else "sd15-sized")
+    print("stand-in", json.dumps(build_arch("sd15-sized", quick, path)), flush=True)
+    size = 64 if quick else 512
+    registry = {"default": "sd15-sized", "models": [{
+        "id": "sd15-sized", "path": str(path), "family": "ldm", "tasks": ["txt2img"],
+        "samplers": ["euler", "ddim", "dpmpp_2m"], "description": "random weights, SD-1.5 architecture",
+        "defaults": {"sampler": "euler", "steps": 20, "guidance_scale": 7.5, "width": size, "height": size},
+        "limits": {"min_size": size, "max_size": size * 3 // 2, "size_multiple": 64 if not quick else 16,
+                   "max_steps": 50, "max_queue": 4096},
+        "engine": "torch", "precision": os.environ.get("LATENTSERVE_PRECISION", "bf16"), "max_batch": 16}]}
+    (work / "registry.json").write_text(json.dumps(registry, indent=2))
+    os.environ["LATENTSERVE_REGISTRY"] = str(work / "registry.json")
+    # Random weights: only time matters (engines.selection refuses unverified half precision on CUDA).
+    os.environ.setdefault("LATENTSERVE_UNVERIFIED_CUDA_HALF", "1")
+    device = os.environ.get("LATENTSERVE_DEVICE", "cpu")
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return device
 
 
 def main() -> None:
@@ -167,11 +204,19 @@ def main() -> None:
                         help="fractions of the step-level server's saturation")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--quick", action="store_true", help="short warm-up (smoke runs)")
+    parser.add_argument("--stand-in", choices=["sd15"], help="serve the SD-1.5-sized random-weight stand-in "
+                        "(built under --work) on LATENTSERVE_DEVICE instead of the shapes models")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/latentserve-openloop"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.mix, device = MIX, "cpu"
+    if args.stand_in:
+        args.mix, device = SD15_MIX, serve_stand_in(args.work, args.quick)
+        if args.quick:  # tiny widths at 64x64: the wide class at 96x64
+            args.mix = [(c, w, {**b, "width": 96, "height": 64} if "width" in b else b) for c, w, b in SD15_MIX]
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_info(),
-              "cores": __import__("os").cpu_count(), "python": platform.python_version(),
-              "mix": {c: w for c, w, _ in MIX}, "duration_s": args.duration, "rates": args.rates, "configs": {}}
+              "cores": os.cpu_count(), "python": platform.python_version(), "device": device,
+              "mix": {c: w for c, w, _ in args.mix}, "duration_s": args.duration, "rates": args.rates, "configs": {}}
     saturation = None
     for name in args.configs:  # step-level first: its saturation sets every server's rates
         report["configs"][name] = run_config(name, args, saturation, args.out / "logs")
@@ -180,7 +225,10 @@ def main() -> None:
     if set(CONFIGS) <= set(report["configs"]):
         report["goals"] = goals(report)
         (args.out / "report.md").write_text(markdown(report))
-        plots(report, args.out)
+        try:
+            plots(report, args.out)
+        except ImportError as exc:  # a host without matplotlib: plot from report.json elsewhere
+            print(f"no plots ({exc}); python -m loadtests.openloop_report {args.out} draws them", flush=True)
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report.get("goals", {}), indent=2))
 

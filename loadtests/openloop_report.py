@@ -33,8 +33,10 @@ def goals(report: dict) -> dict:
 
 
 def markdown(report: dict) -> str:
+    device = report.get("device", "cpu")
+    where = "" if device == "cpu" else f"Device: {device} (the worker's denoiser, VAE and text encoder). "
     lines = [f"# Open-loop load test, {report['date']}", "",
-             f"CPU: {report['cpu']['model']}, {report['cores']} cores (load generator, API, worker and Redis "
+             f"{where}CPU: {report['cpu']['model']}, {report['cores']} cores (load generator, API, worker and Redis "
              f"share them). Mix: {report['mix']}. Saturation (step-level, 16 closed-loop clients): "
              f"{report['saturation_jobs_s']} jobs/s. {report['duration_s']} s per rate.", "",
              "| server | offered jobs/s | done jobs/s | p50 s | p95 s | p99 s | queue p50 s | queue p99 s |",
@@ -54,8 +56,8 @@ def markdown(report: dict) -> str:
     lines += ["", "## Goals", "",
               f"- step-level vs whole-request throughput at equal p99 (<= {g['p99_bound_s']} s): "
               f"{g['step_vs_whole_at_equal_p99']['ratio']}x (goal 1.5x)",
-              f"- step-level vs one-at-a-time, 16 clients: {g['step_vs_one_at_a_time_16_clients']['ratio']}x (goal 4x; "
-              "on this CPU the two cores also run the load generator and the API)",
+              f"- step-level vs one-at-a-time, 16 clients: {g['step_vs_one_at_a_time_16_clients']['ratio']}x (goal 4x"
+              + ("; on this CPU the two cores also run the load generator and the API)" if device == "cpu" else ")"),
               f"- p99 / p50 per class at ~70% of saturation: {g['p99_over_p50_per_class_at_70pct']} (goal <= 2)",
               f"- service overhead of a lone request: {g['overhead_fraction_lone_request']['value']:.1%} (goal <= 10%)",
               "", "![p99 latency](latency.png) ![throughput](throughput.png)", ""]
@@ -82,3 +84,14 @@ def plots(report: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / f"{what}.png", dpi=100)
         plt.close(fig)
+
+
+if __name__ == "__main__":  # redraw report.md and the plots from a run's report.json
+    import json
+    import sys
+
+    out = Path(sys.argv[1])
+    report = json.loads((out / "report.json").read_text())
+    report["goals"] = goals(report)
+    (out / "report.md").write_text(markdown(report))
+    plots(report, out)

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from engines.registry import KNOWN_TASKS, load_registry
 from engines.sampler_catalog import CATALOG
+from service.admission import admit
 from service.config import Settings, load_settings
 from service.metrics import ApiExporter
 from service.queue import TERMINAL, ApiQueue, Job, QueueFull, StoredImage
@@ -139,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         job = Job(id=uuid.uuid4().hex, model=resolved.spec.id, task=body.task,
                   request=resolved.request, created_at=time.time(), warnings=resolved.warnings)
         q = queue(request)
+        await admit(q, resolved.spec, resolved.request, settings.heartbeat_ttl_s)
         try:
             if not wait:
                 await q.enqueue(job, resolved.spec.limits.max_queue)

@@ -26,6 +26,8 @@ class Settings:
     # Whole-request policy only: after its first job, how long a worker waits for more to fill
     # the batch. Step-level admission needs none (a later job joins at the next step).
     fill_window_s: float = 0.02
+    # Decode, encode and store finished jobs on a thread while the next step runs (0: inline).
+    decode_overlap: int = 1
     visibility_timeout_s: float = 60.0  # a claimed job idle this long is reclaimed
     max_attempts: int = 3  # deliveries before a job is dead-lettered as failed
     job_ttl_s: int = 86400  # job records and results expire after this

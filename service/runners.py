@@ -25,6 +25,7 @@ from engines.model import LoadedModel
 from engines.sampler_catalog import CATALOG
 from engines.sampling import Row
 from engines.tasks import txt2img
+from service.cost import network_rows
 from service.scheduler import PRIORITIES
 
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
@@ -70,8 +71,7 @@ class Txt2ImgParams:
     @property
     def rows_per_step(self) -> int:
         """Network rows a step of this job computes (guidance's second half included)."""
-        guided = self.guidance != "none" and self.guidance_scale != 1
-        return self.num_images * (2 if guided else 1)
+        return network_rows(self.num_images, self.guidance, self.guidance_scale)
 
     @property
     def denoiser_calls(self) -> int:

@@ -21,7 +21,6 @@ import socket
 import threading
 import time
 
-import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -31,9 +30,10 @@ from engines.tasks import txt2img
 from service import failures
 from service.active import Active, Call
 from service.config import Settings, load_settings
-from service.media import encode_image
+from service.cost import CostMeter
+from service.delivery import Deliveries
 from service.metrics import BatchRecord, JobRecord, WorkerExporter
-from service.queue import Claimed, Outcome, StoredImage, WorkerQueue, check_redis_version, redis_version
+from service.queue import Claimed, Outcome, WorkerQueue, check_redis_version, redis_version
 from service.runners import RUNNERS, JobInputError
 from service.worker_models import load_models
 from service.scheduler import Decision, Scheduler
@@ -51,6 +51,7 @@ class Worker:
         # Each model's row budget is its max_batch (the setting overrides every model's).
         budgets = {model_id: settings.max_batch or m.spec.max_batch for model_id, m in models.items()}
         self.scheduler = Scheduler(budgets, settings.scheduler)
+        self.meters = {model_id: CostMeter(budget) for model_id, budget in budgets.items()}
         self.engines = {model_id: {"engine": m.engine, "precision": m.precision, "device": m.device}
                         for model_id, m in models.items()}
         self.idle_ms = int(settings.visibility_timeout_s * 1000)
@@ -63,6 +64,7 @@ class Worker:
         # heartbeat from touching an entry just released (which would hide it again).
         self._holding: list[Claimed] = []
         self._hold_lock = threading.Lock()
+        self.deliveries = Deliveries(self._finish, settings.decode_overlap)
 
     # ------------------------------------------------------------------ main loop
 
@@ -74,8 +76,9 @@ class Worker:
         beat.start()
         log.info("worker %s serving %s (%s scheduler, budgets %s)", self.queue.worker_id, model_ids,
                  self.settings.scheduler, self.scheduler.budgets)
-        while not (self.stopping.is_set() and not self._admitted()):
+        while not (self.stopping.is_set() and not self._admitted() and not self.deliveries.busy):
             try:
+                self._redeliver()
                 self._take(self._claim())
                 self._stop_paused()
                 decision = self.scheduler.schedule(time.time())
@@ -90,6 +93,7 @@ class Worker:
                     raise
                 for model_id in model_ids:  # the stream was deleted (e.g. FLUSHALL)
                     self.queue.ensure_group(model_id)
+        self.deliveries.close()
         self.queue.release([a.claimed for a in self.active.values()], self.idle_ms)  # waiting ones
         self.queue.leave(model_ids)
         log.info("worker %s stopped", self.queue.worker_id)
@@ -158,12 +162,13 @@ class Worker:
 
     def _hold(self) -> None:
         with self._hold_lock:
-            self._holding = [a.claimed for a in self.active.values()]
+            self._holding = [a.claimed for a in self.active.values()] + self.deliveries.holding()
 
     def _heartbeat(self) -> None:
         while not self.stopping.wait(0) or self._holding:
             try:
-                self.queue.heartbeat(list(self.models), self.settings.heartbeat_ttl_s, self.engines)
+                costs = {m: c.to_json() for m, meter in self.meters.items() if (c := meter.cost()) is not None}
+                self.queue.heartbeat(list(self.models), self.settings.heartbeat_ttl_s, self.engines, costs)
                 with self._hold_lock:
                     if self._holding:
                         self.queue.touch(self._holding)
@@ -270,6 +275,7 @@ class Worker:
         finally:
             self.exporter.busy.set(0)
         self.scheduler.stepped(group, counter[0])
+        self.meters[model.spec.id].call(counter[0] * area(model, jobs[0].params), time.perf_counter() - started)
         self.exporter.batch(BatchRecord(model.spec.id, jobs[0].job.task, len(call.rows),
                                         [time.perf_counter() - started], counter[0]))
         self._stop(jobs, self.queue.report_progress([(a.job, *a.progress()) for a in jobs]))
@@ -279,35 +285,22 @@ class Worker:
         self._hold()
 
     def _deliver(self, model: LoadedModel, jobs: list[Active]) -> None:
-        """Decode the finished jobs' rows (one call per shape), store the images, ack."""
+        """Hand finished jobs to the delivery thread (decode, encode, store, ack) and go on."""
         for a in jobs:
             self._forget(a.job.id)
-        started = time.perf_counter()
-        call = Call.assemble(jobs)
-        try:
-            pixels = RUNNERS[jobs[0].job.task].finish(model, call.rows).numpy()
-        except Exception as exc:
-            if failures.is_engine_failure(exc) or len(jobs) == 1:
-                self._failed(jobs, exc)
-            else:  # find the culprit: each alone
-                for a in jobs:
-                    self._deliver(model, [a])
-            return
-        decode_s = time.perf_counter() - started
-        finished_at = time.time()
-        outcomes = []
-        for a, span in zip(call.jobs, call.ranges):  # each job reads only its own range
-            p, job = a.params, a.job
-            images = [StoredImage(*encode_image(np.ascontiguousarray(pixels[row]), p.output_format),
-                                  seed, p.width, p.height) for row, seed in zip(span, p.seeds())]
-            started_at = job.started_at or finished_at
-            timings = {"queue_s": round(max(0.0, started_at - job.created_at), 4),
-                       "inference_s": round(finished_at - started_at, 4), "decode_s": round(decode_s, 4),
-                       "total_s": round(finished_at - job.created_at, 4)}
-            outcomes.append(Outcome(job, a.claimed, "succeeded", None, images, {
-                "timings": timings, "batch_size": a.peak_rows, "denoiser_calls": p.denoiser_calls,
-                "progress_step": p.steps, "progress_total": p.steps}))
-        self._finish(outcomes)
+            p = a.params
+            self.meters[model.spec.id].job(p.rows_per_step * p.denoiser_calls * area(model, p))
+        self.deliveries.submit(model, jobs)
+
+    def _redeliver(self) -> None:
+        """Deliveries that raised: an engine failure retries elsewhere; otherwise each job
+        alone, to find the culprit."""
+        for d in self.deliveries.failed(wait=self.stopping.is_set() and not self._admitted()):
+            if failures.is_engine_failure(d.error) or len(d.jobs) == 1:
+                self._failed(d.jobs, d.error)
+            else:
+                for a in d.jobs:
+                    self.deliveries.submit(d.model, [a])
 
     def _failed(self, jobs: list[Active], exc: Exception) -> None:
         """A step (or decode) raised: retry elsewhere (engine/host), or isolate the job (anything else)."""
@@ -360,6 +353,12 @@ class Worker:
                 end_to_end_s=now - o.job.created_at,
                 failure_reason=failure if o.status == "failed" else None,
             ))
+
+
+def area(model: LoadedModel, params) -> float:
+    """A row's work relative to a row at the model's default size (service.cost's unit)."""
+    d = model.spec.defaults
+    return params.width * params.height / (d.width * d.height)
 
 
 def main() -> None:

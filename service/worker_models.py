@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import time
 
-from engines import loader
 from engines.cache import EngineCache
 from engines.model import LoadedModel
 from engines.registry import Registry
 from engines.tasks import txt2img
+from export import artefacts
 from service.config import Settings
 from service.metrics import WorkerExporter
 
@@ -23,7 +23,7 @@ def load_models(registry: Registry, model_ids: list[str], settings: Settings,
     models = {}
     for model_id in model_ids:
         started = time.perf_counter()
-        model = loader.load_with_guide(
+        model = artefacts.load_with_guide(
             registry, registry.get(model_id), engine=settings.engine, precision=settings.precision,
             device=settings.device, cache=cache, on_event=exporter.engine_lookup,
             threads=settings.torch_threads, cuda_graphs=bool(settings.cuda_graphs),

@@ -21,7 +21,7 @@ from engines.layout import ModelLayout
 from engines.profiles import Profile, batch_buckets, profiles, select_profile
 from engines.registry import load_registry
 from engines.tasks import txt2img
-from export import onnx_export
+from export import artefacts, onnx_export
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = load_registry(ROOT / "models" / "registry.json")
@@ -51,7 +51,7 @@ def test_onnx_matches_torch_on_every_component(model_id, tmp_path):
     (relative for larger outputs). Goes through the cache like the worker does."""
     spec = SHIPPED.get(model_id)
     events = []
-    builder = loader.Builder(spec, ModelLayout.read(spec), EngineCache(tmp_path), "cpu", events.append)
+    builder = artefacts.builder(spec, EngineCache(tmp_path), "cpu", events.append)
     for name in FAMILY_COMPONENTS[spec.family]:
         path = builder.onnx(name)
         info = json.loads((path.parent / "key.json").read_text())["info"]
@@ -71,7 +71,7 @@ def test_onnxruntime_end_to_end_matches_torch(model_id, engine_cache):
     spec = SHIPPED.get(model_id)
     batch = batch_for(spec)
     ours = txt2img.run(loader.load(spec, engine="torch", cache=engine_cache), batch)
-    ort = loader.load(spec, engine="onnxruntime", cache=engine_cache)
+    ort = artefacts.load(spec, engine="onnxruntime", cache=engine_cache)
     assert ort.engine == "onnxruntime" and type(ort.components["denoiser"]).__name__ == "OrtEngine"
     value = psnr(ours, txt2img.run(ort, batch))
     assert value >= 40, f"torch fp32 vs onnxruntime PSNR {value:.1f} dB"
@@ -121,7 +121,7 @@ def test_weights_change_rebuilds_only_the_components_it_touches(tmp_path):
 
     def build_all():
         events = []
-        builder = loader.Builder(spec, ModelLayout.read(spec), cache, "cpu", events.append)
+        builder = artefacts.builder(spec, cache, "cpu", events.append)
         paths = {n: builder.onnx(n) for n in names}
         return paths, {e.component: e.hit for e in events}
 
@@ -149,7 +149,7 @@ def test_precision_and_device_are_separate_entries(tmp_path):
     import onnx
 
     spec = SHIPPED.get("tiny-mmdit")
-    builder = loader.Builder(spec, ModelLayout.read(spec), EngineCache(tmp_path), "cpu")
+    builder = artefacts.builder(spec, EngineCache(tmp_path), "cpu")
     fp32, fp16 = builder.onnx("vae_decoder", "fp32"), builder.onnx("vae_decoder", "fp16")
     assert fp32 != fp16
     graph = onnx.load(str(fp16)).graph
@@ -243,14 +243,14 @@ def test_selection_rules():
 
 def test_unrunnable_choice_is_a_clear_error(tmp_path):
     with pytest.raises(EngineError, match="bf16"):
-        loader.load(SHIPPED.get("tiny-mmdit"), engine="onnxruntime", precision="bf16", cache=EngineCache(tmp_path))
+        artefacts.load(SHIPPED.get("tiny-mmdit"), engine="onnxruntime", precision="bf16", cache=EngineCache(tmp_path))
 
 
 def test_auto_measures_once_then_reuses_the_measurement(tmp_path):
     spec = SHIPPED.get("tiny-ldm")
     cache = EngineCache(tmp_path)
     events = []
-    model = loader.load(spec, engine="auto", cache=cache, on_event=events.append)
+    model = artefacts.load(spec, engine="auto", cache=cache, on_event=events.append)
     timings = {e.kind: e.hit for e in events if e.kind.startswith("timing-")}
     assert timings == {"timing-torch": False, "timing-onnxruntime": False}
     measured = {}
@@ -260,7 +260,7 @@ def test_auto_measures_once_then_reuses_the_measurement(tmp_path):
     assert model.engine == selection.fastest(measured)
 
     events.clear()
-    again = loader.load(spec, engine="auto", cache=cache, on_event=events.append)
+    again = artefacts.load(spec, engine="auto", cache=cache, on_event=events.append)
     assert again.engine == model.engine
     assert not any(e.kind.startswith("timing-") and not e.hit for e in events)
 
@@ -286,9 +286,9 @@ def test_tensorrt_matches_torch(tmp_path):
     batch = batch_for(spec)
     ref = txt2img.run(loader.load(spec, engine="torch", device="cuda"), batch)
     cache = EngineCache(tmp_path)
-    trt32 = loader.load(spec, engine="tensorrt", precision="fp32", device="cuda", cache=cache)
+    trt32 = artefacts.load(spec, engine="tensorrt", precision="fp32", device="cuda", cache=cache)
     assert psnr(ref, txt2img.run(trt32, batch)) >= 40
-    trt16 = loader.load(spec, engine="tensorrt", precision="fp16", device="cuda", cache=cache)
+    trt16 = artefacts.load(spec, engine="tensorrt", precision="fp16", device="cuda", cache=cache)
     assert psnr(ref, txt2img.run(trt16, batch)) >= 30
 
 
@@ -303,3 +303,11 @@ def test_registry_names_a_known_engine_and_precision(tmp_path, field, value):
     path.write_text(json.dumps({"default": "tiny-mmdit", "models": [entry]}))
     with pytest.raises(RegistryError, match=field):
         load_registry(path)
+
+
+def test_engines_alone_load_torch_and_ask_for_builders_otherwise(tmp_path):
+    """engines never imports export: without its builders, an ONNX engine is a clear error."""
+    spec = SHIPPED.get("tiny-ldm")
+    with pytest.raises(EngineError, match="export.artefacts.load"):
+        loader.load(spec, engine="onnxruntime", cache=EngineCache(tmp_path))
+    assert loader.load(spec, engine="torch", cache=EngineCache(tmp_path)).engine == "torch"

@@ -84,3 +84,18 @@ def test_a_paused_job_cancelled_leaves_at_once_not_when_it_would_resume(api, sta
     assert low["status"] == "cancelled", low
     assert job_status(api, high_id)["status"] == "running"  # it left while the high one still ran
     assert finished(api, high_id)["status"] == "succeeded"
+
+
+def test_a_job_that_cannot_finish_in_time_gets_429_with_retry_after_and_never_reaches_a_worker(
+        api, start_worker, r):
+    start_worker("slow-ldm", "admit-w")
+    assert generate(api, **LONG).json()["status"] == "succeeded"  # the worker has measured a job
+    wait_until(lambda: r.hget("latentserve:cost:slow-ldm", "admit-w"), 10, "the worker's cost to be published")
+    refused = generate(api, **LONG, timeout_s=0.01)
+    assert refused.status_code == 429, refused.text
+    body = refused.json()["error"]
+    assert body["code"] == "deadline_unreachable" and body["field"] == "timeout_s", body
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert r.xlen("latentserve:stream:slow-ldm") == 0  # nothing was queued
+    admitted = generate(api, **LONG, timeout_s=600).json()
+    assert admitted["status"] == "succeeded", admitted

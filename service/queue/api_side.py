@@ -90,6 +90,12 @@ class ApiQueue:
                 counts[raw] = counts.get(raw, 0) + 1
         return [{**json.loads(k), "workers": n} for k, n in sorted(counts.items())]
 
+    async def live_costs(self, model: str, ttl_s: float) -> list[dict]:
+        """The measured costs (service.cost.Cost JSON) the live workers of a model publish."""
+        live = await self.r.zrangebyscore(Keys.workers(model), time.time() - ttl_s, "+inf")
+        raw = await self.r.hmget(Keys.cost(model), live) if live else []
+        return [json.loads(r) for r in raw if r]
+
     def subscribe(self, job_id: str) -> Subscription:
         """The job's events through the process's shared subscription (an async context)."""
         return self.events.subscribe(job_id)

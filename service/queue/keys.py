@@ -37,6 +37,10 @@ class Keys:
         return f"{PREFIX}:engines:{model}"  # hash: worker id -> JSON {engine, precision, device}
 
     @staticmethod
+    def cost(model: str) -> str:
+        return f"{PREFIX}:cost:{model}"  # hash: worker id -> JSON service.cost.Cost
+
+    @staticmethod
     def wake(model: str) -> str:
         return f"{PREFIX}:wake:{model}"  # stream: "entries were released", ends a blocking read
 

@@ -197,9 +197,10 @@ class WorkerQueue:
     def dead_letter(self, job: Job, reason: str) -> None:
         self.r.xadd(Keys.DEAD, {"job": job.id, "model": job.model, "reason": reason}, maxlen=10000)
 
-    def heartbeat(self, models: list[str], ttl_s: float, engines: dict[str, dict] | None = None) -> None:
-        """Mark this worker live for each model; `engines` (model -> what it runs) is published
-        beside it so the API can show which engine serves each model."""
+    def heartbeat(self, models: list[str], ttl_s: float, engines: dict[str, dict] | None = None,
+                  costs: dict[str, dict] | None = None) -> None:
+        """Mark this worker live for each model; `engines` (model -> what it runs) and `costs`
+        (model -> its measured service.cost.Cost) are published beside it for the API."""
         now = time.time()
         pipe = self.r.pipeline(transaction=False)
         for model in models:
@@ -207,12 +208,15 @@ class WorkerQueue:
             pipe.zremrangebyscore(Keys.workers(model), "-inf", now - 10 * ttl_s)
             if engines and model in engines:
                 pipe.hset(Keys.engines(model), self.worker_id, json.dumps(engines[model], sort_keys=True))
+            if costs and model in costs:
+                pipe.hset(Keys.cost(model), self.worker_id, json.dumps(costs[model]))
         pipe.execute()
 
     def leave(self, models: list[str]) -> None:
         for model in models:
             self.r.zrem(Keys.workers(model), self.worker_id)
             self.r.hdel(Keys.engines(model), self.worker_id)
+            self.r.hdel(Keys.cost(model), self.worker_id)
 
     def live_workers(self, model: str, ttl_s: float) -> int:
         return self.r.zcount(Keys.workers(model), time.time() - ttl_s, "+inf")
