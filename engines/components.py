@@ -94,7 +94,7 @@ def component_spec(name: str, family: str, layout) -> ComponentSpec:
     if name == "vae_decoder":
         return ComponentSpec(name, "vae", (F("latent", *latent),), (F("image", *image),))
     if name == "vae_encoder":
-        return ComponentSpec(name, "vae", (F("image", *image),), (F("latent", *latent),))
+        return ComponentSpec(name, "vae", (F("image", *image),), (F("mean", *latent), F("logvar", *latent)))
     raise KeyError(f"unknown component {name!r}")
 
 
@@ -155,14 +155,16 @@ class VaeDecoder(torch.nn.Module):
 
 
 class VaeEncoder(torch.nn.Module):
-    """Images in [-1, 1] -> the posterior mean (unscaled)."""
+    """Images in [-1, 1] -> the posterior (mean, logvar; unscaled): a task samples it with
+    each image's generator, as the diffusers image-to-image pipelines do."""
 
     def __init__(self, vae):
         super().__init__()
         self.vae = vae
 
     def forward(self, image):
-        return (self.vae.encode(image).latent_dist.mean,)
+        posterior = self.vae.encode(image).latent_dist
+        return posterior.mean, posterior.logvar
 
 
 def wrap(name: str, family: str, pipe) -> torch.nn.Module:

@@ -61,6 +61,10 @@ class DiscreteVPDenoiser:
     def x_to_latents(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return x * append_dims((sigma**2 + 1) ** -0.5, x.dim())
 
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Clean latents noised to `sigma`, in sampler space (the VP schedulers' add_noise)."""
+        return x0 + sigma * noise
+
 
 @dataclass
 class FlowDenoiser:
@@ -76,3 +80,7 @@ class FlowDenoiser:
 
     def x_to_latents(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return x
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Clean latents noised to `sigma` (the flow schedulers' scale_noise)."""
+        return (1 - sigma) * x0 + sigma * noise

@@ -146,7 +146,9 @@ def load(spec: ModelSpec, *, engine: str = "", precision: str = "", device: str 
     layout = ModelLayout.read(spec)
     cache = cache or EngineCache()
     builder = Builder(spec, layout, cache, device, on_event, artefacts)
-    names = components or TXT2IMG_COMPONENTS[spec.family]
+    # The VAE encoder only for models that serve an image-conditioned task.
+    image_tasks = set(spec.tasks) - {"txt2img"}
+    names = components or (FAMILY_COMPONENTS if image_tasks else TXT2IMG_COMPONENTS)[spec.family]
     tokenizers = load_tokenizers(spec)
 
     def build_model(kind: str) -> LoadedModel:

@@ -69,11 +69,17 @@ class Vae:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.decoder(latent=latents / self.scaling_factor + self.shift_factor)["image"]
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents (the posterior mean)."""
+    def encode(self, images: torch.Tensor, generators=None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents: the posterior sampled with each image's
+        generator (engines.noise.StackedGenerator), or its mean when none is given."""
         if self.encoder is None:
             raise ValueError("this model was loaded without its vae_encoder component")
-        return (self.encoder(image=images)["latent"] - self.shift_factor) * self.scaling_factor
+        out = self.encoder(image=images)
+        latent = out["mean"]
+        if generators is not None:  # DiagonalGaussianDistribution.sample: mean + std * randn
+            std = torch.exp(0.5 * out["logvar"].clamp(-30.0, 20.0))
+            latent = latent + std * generators.randn(tuple(latent.shape[1:])).to(latent)
+        return (latent - self.shift_factor) * self.scaling_factor
 
 
 @dataclass
@@ -99,9 +105,9 @@ class LoadedModel:
         """Scaled latents -> images in [-1, 1]."""
         return self.vae.decode(latents)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] -> scaled latents."""
-        return self.vae.encode(images)
+    def encode_images(self, images: torch.Tensor, generators=None) -> torch.Tensor:
+        """Images in [-1, 1] -> scaled latents (posterior samples with `generators`)."""
+        return self.vae.encode(images, generators)
 
 
 def load_tokenizers(spec: ModelSpec) -> list:

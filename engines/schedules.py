@@ -41,6 +41,12 @@ class Schedule:
     # Karras sigmas rounds it, so it is not always a function of sigma); None: derived from sigma.
     timesteps: torch.Tensor | None = None
 
+    def tail(self, start: int) -> "Schedule":
+        """The schedule from step `start` on: where an image-to-image row begins (diffusers'
+        `timesteps[t_start * order:]`; our Heun lists one entry per step, so no order factor)."""
+        return Schedule(self.sigmas[start:], self.targets[start:], self.noise_scale,
+                        None if self.timesteps is None else self.timesteps[start:])
+
 
 def vp_alphas_cumprod(config: dict) -> torch.Tensor:
     """alpha_bar_t for t = 0..N-1 from a DDPM beta schedule (Ho et al. 2020; LDM's "scaled_linear")."""

@@ -20,7 +20,8 @@ def job_work(spec: ModelSpec, request: dict) -> tuple[float, int]:
     d = spec.defaults
     area = request["width"] * request["height"] / (d.width * d.height)
     rows = network_rows(request.get("num_images", 1), request.get("guidance", "cfg"), request["guidance_scale"])
-    return rows * area, CATALOG[request["sampler"]].calls(request["steps"])
+    steps = int(request["steps"] * request.get("strength", 1.0))  # img2img runs the schedule's tail
+    return rows * area, CATALOG[request["sampler"]].calls(max(1, steps))
 
 
 async def admit(q: ApiQueue, spec: ModelSpec, request: dict, heartbeat_ttl_s: float) -> None:

@@ -15,17 +15,20 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from engines.registry import KNOWN_TASKS, load_registry
 from engines.sampler_catalog import CATALOG
+from service import image_inputs, request_body
 from service.admission import admit
 from service.config import Settings, load_settings
 from service.metrics import ApiExporter
 from service.queue import TERMINAL, ApiQueue, Job, QueueFull, StoredImage
-from service.schemas import ErrorOut, GenerateRequest, JobOut
-from service.validation import ApiError, resolve
+from service.schemas import ErrorOut, JobOut
+from service.uploads import UploadLimits
+from service.validation import ApiError, model_for, resolve
 
 log = logging.getLogger("latentserve.api")
 RETRY_AFTER_S = 5
@@ -73,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     registry = load_registry(settings.registry)
     metrics_registry = CollectorRegistry()
     metrics = ApiExporter(metrics_registry)
+    uploads = UploadLimits(settings.upload_max_bytes, settings.upload_max_pixels)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -130,23 +134,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     responses = {c: {"model": ErrorOut} for c in (404, 422, 429, 503)}
 
-    @app.post("/v1/generate", status_code=202, responses={200: {"model": JobOut}, **responses})
-    async def generate(body: GenerateRequest, request: Request, wait: bool = False):
-        """Queue a generation job. 202 with its id, or with ?wait=true the finished job (200)."""
+    @app.post("/v1/generate", status_code=202, responses={200: {"model": JobOut}, **responses},
+              openapi_extra=request_body.OPENAPI)
+    async def generate(request: Request, wait: bool = False):
+        """Queue a generation job (JSON, or multipart/form-data with image and mask files).
+        202 with its id, or with ?wait=true the finished job (200)."""
+        body, files = await request_body.read_generate(request, uploads.max_bytes)
         model_label = body.model or registry.default
         request.state.generate_labels = (model_label if model_label in registry.models else "unknown",
                                          body.task if body.task in KNOWN_TASKS else "unknown")
-        resolved = resolve(body, registry)
+        model_for(body, registry)  # an unknown model or task before anything uploaded is read
+        pixels = await run_in_threadpool(image_inputs.decode_all, image_inputs.gather(body, files), uploads)
+        resolved = resolve(body, registry, image_inputs.image_size(pixels))
+        inputs = await run_in_threadpool(image_inputs.complete, body, resolved, pixels)
         job = Job(id=uuid.uuid4().hex, model=resolved.spec.id, task=body.task,
                   request=resolved.request, created_at=time.time(), warnings=resolved.warnings)
         q = queue(request)
         await admit(q, resolved.spec, resolved.request, settings.heartbeat_ttl_s)
         try:
             if not wait:
-                await q.enqueue(job, resolved.spec.limits.max_queue)
+                await q.enqueue(job, resolved.spec.limits.max_queue, inputs)
                 return accepted(job)
             async with q.subscribe(job.id) as events:  # subscribed before the job exists
-                await q.enqueue(job, resolved.spec.limits.max_queue)
+                await q.enqueue(job, resolved.spec.limits.max_queue, inputs)
                 finished = await wait_for_end(q, events, job.id, settings.wait_timeout_s)
         except QueueFull:
             raise ApiError(429, "queue_full", f"model {job.model} has {resolved.spec.limits.max_queue} "

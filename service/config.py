@@ -43,6 +43,8 @@ class Settings:
     engine_cache: str = ""  # engine cache directory (empty: ~/.cache/latentserve/engines)
     cuda_graphs: int = 1  # torch on CUDA: replay CUDA graphs per batch bucket (0: eager)
     log_level: str = "info"
+    upload_max_bytes: int = 10 * 1024 * 1024  # per uploaded image or mask (img2img, inpaint)
+    upload_max_pixels: int = 4096 * 4096
 
     @property
     def model_ids(self) -> list[str]:

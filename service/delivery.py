@@ -46,7 +46,7 @@ def outcomes_of(model: LoadedModel, jobs: list[Active]) -> list[Outcome]:
                    "total_s": round(finished_at - job.created_at, 4)}
         outcomes.append(Outcome(job, a.claimed, "succeeded", None, images, {
             "timings": timings, "batch_size": a.peak_rows, "denoiser_calls": p.denoiser_calls,
-            "progress_step": p.steps, "progress_total": p.steps}))
+            "progress_step": a.rows[0].steps, "progress_total": a.rows[0].steps}))
     return outcomes
 
 

@@ -15,18 +15,20 @@ names; the registry limits (sizes, steps) stay the API's business.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Hashable
 
+import numpy as np
 import torch
 
 from engines.guidance import MODES
 from engines.model import LoadedModel
 from engines.sampler_catalog import CATALOG
 from engines.sampling import Row
-from engines.tasks import txt2img
+from engines.tasks import img2img, txt2img
 from service.cost import network_rows
 from service.scheduler import PRIORITIES
+from service.uploads import from_png
 
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 
@@ -112,7 +114,7 @@ def _pair(request: dict, name: str) -> tuple[float, float] | None:
     return float(value[0]), float(value[1])
 
 
-def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
+def parse_txt2img(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> Txt2ImgParams:
     if not isinstance(request, dict):
         raise JobInputError("request", f"expected an object, got {type(request).__name__}")
     params = Txt2ImgParams(
@@ -147,9 +149,9 @@ def parse_txt2img(request: Any, model: LoadedModel) -> Txt2ImgParams:
         ("priority", params.priority in PRIORITIES, f"must be one of {', '.join(PRIORITIES)}"),
         ("timeout_s", params.timeout_s is None or params.timeout_s > 0, "must be positive"),
     ]
-    for field, ok, message in checks:
+    for name, ok, message in checks:
         if not ok:
-            raise JobInputError(field, message)
+            raise JobInputError(name, message)
     return params
 
 
@@ -175,8 +177,60 @@ def begin_txt2img(model: LoadedModel, jobs: list[Txt2ImgParams]) -> list[list[Ro
 
 
 @dataclass(frozen=True)
+class Img2ImgParams(Txt2ImgParams):
+    strength: float = 0.8
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8 [H, W, 3]
+
+    @property
+    def steps_run(self) -> int:
+        """The schedule's tail SDEdit runs (engines.tasks.img2img.first_step)."""
+        return min(int(self.steps * self.strength), self.steps)
+
+    @property
+    def denoiser_calls(self) -> int:
+        return CATALOG[self.sampler].calls(self.steps_run)
+
+
+def _image(inputs: dict[str, bytes] | None, name: str) -> np.ndarray:
+    data = (inputs or {}).get(name)
+    if data is None:
+        raise JobInputError(name, "missing from the job's stored inputs")
+    try:
+        return from_png(data)
+    except Exception as exc:
+        raise JobInputError(name, f"stored input does not decode: {type(exc).__name__}") from None
+
+
+def parse_img2img(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> Img2ImgParams:
+    base = parse_txt2img(request, model)
+    strength = _get(request, "strength", float, 0.8)
+    params = Img2ImgParams(**{f.name: getattr(base, f.name) for f in fields(Txt2ImgParams)},
+                           strength=strength, image=_image(inputs, "image"))
+    if not 0 < strength <= 1 or params.steps_run < 1:
+        raise JobInputError("strength", "must be in (0, 1] with steps * strength >= 1")
+    if params.image.shape != (params.height, params.width, 3):
+        raise JobInputError("image", f"stored image is {params.image.shape}, the job {params.width}x{params.height}")
+    if model.vae.encoder is None:
+        raise JobInputError("task", f"model {model.spec.id} was loaded without its VAE encoder")
+    return params
+
+
+def begin_img2img(model: LoadedModel, jobs: list[Img2ImgParams]) -> list[list[Row]]:
+    """Each job's rows at the start of its schedule's tail, its image's latents noised there."""
+    out = []
+    for p in jobs:  # per job: its images share one input (num_images seeds, one strength)
+        images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
+                                       p.schedule, p.eta, p.guidance, p.guidance_interval,
+                                       p.guidance_interval_fraction) for seed in p.seeds()]
+        pixels = img2img.pixels_to_tensor(np.repeat(p.image[None], p.num_images, axis=0))
+        out.append(img2img.start_rows(model, img2img.Img2ImgBatch(
+            txt2img.Txt2ImgBatch(p.width, p.height, p.sampler, p.steps, images), pixels, [p.strength] * p.num_images)))
+    return out
+
+
+@dataclass(frozen=True)
 class Runner:
-    parse: Callable[[Any, LoadedModel], Any]
+    parse: Callable[[Any, LoadedModel, dict[str, bytes]], Any]  # request, model, stored inputs -> typed params
     begin: Callable[[LoadedModel, list[Any]], list[list[Row]]]  # parsed params of jobs -> each one's rows at step 0
     finish: Callable[[LoadedModel, list[Row]], torch.Tensor]  # finished rows of one shape -> uint8 pixels
 
@@ -184,4 +238,5 @@ class Runner:
 # task name -> runner. A job whose task is missing here fails at once (never retried).
 RUNNERS: dict[str, Runner] = {
     "txt2img": Runner(parse_txt2img, begin_txt2img, txt2img.finish),
+    "img2img": Runner(parse_img2img, begin_img2img, txt2img.finish),
 }

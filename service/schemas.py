@@ -41,6 +41,15 @@ class GenerateRequest(BaseModel):
                               "ones, which resume where they stopped.")
     timeout_s: float | None = Field(None, gt=0, le=86400, description="Fail the job (reason: deadline) if it has "
                                                                       "not finished this long after submission.")
+    # Image tasks (img2img, inpaint): base64 (or a data: URL) here, or files in a multipart/form-data upload.
+    image: str | None = Field(None, description="img2img / inpaint: the input image (PNG, JPEG or WebP), base64.")
+    mask: str | None = Field(None, description="inpaint: white = repaint, black = keep (as diffusers); base64.")
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="img2img: how far the input is noised "
+                                   "(1: entirely; steps * strength steps run). Default 0.8, as diffusers.")
+    mask_blur: int | None = Field(None, ge=0, le=64, description="inpaint: soft edge of the mask in pixels.")
+    resize: Literal["none", "fit"] = Field("none", description="none: the image must have the job's size (its "
+                                           "own size by default); fit: resized to width x height (or the "
+                                           "nearest size the model serves).")
 
 
 class ImageOut(BaseModel):

@@ -23,6 +23,27 @@ def invalid(field: str, message: str) -> ApiError:
     return ApiError(422, "invalid_request", message, field)
 
 
+def model_for(req: GenerateRequest, registry: Registry) -> ModelSpec:
+    """The request's model, which must serve its task (404 / 422 before anything else is read)."""
+    try:
+        spec = registry.get(req.model)
+    except KeyError:
+        raise ApiError(404, "model_not_found", f"unknown model {req.model!r}; see GET /v1/models", "model")
+    if req.task not in spec.tasks:
+        raise invalid("task", f"model {spec.id} does not support task {req.task!r} (supports: {', '.join(spec.tasks)})")
+    return spec
+
+
+def nearest_size(spec: ModelSpec, width: int, height: int) -> tuple[int, int]:
+    """The size a model serves nearest to an image's: one of its `sizes` (closest aspect, then
+    area), else each side rounded to the multiple within the limits."""
+    lim = spec.limits
+    if lim.sizes:
+        return min(lim.sizes, key=lambda s: (abs(s[0] / s[1] - width / height), abs(s[0] * s[1] - width * height)))
+    m = lim.size_multiple
+    return tuple(min(lim.max_size, max(lim.min_size, round(v / m) * m)) for v in (width, height))
+
+
 @dataclass(frozen=True)
 class Resolved:
     spec: ModelSpec
@@ -30,23 +51,25 @@ class Resolved:
     warnings: list[str]
 
 
-def resolve(req: GenerateRequest, registry: Registry) -> Resolved:
-    try:
-        spec = registry.get(req.model)
-    except KeyError:
-        raise ApiError(404, "model_not_found", f"unknown model {req.model!r}; see GET /v1/models", "model")
-    if req.task not in spec.tasks:
-        raise invalid("task", f"model {spec.id} does not support task {req.task!r} (supports: {', '.join(spec.tasks)})")
+def resolve(req: GenerateRequest, registry: Registry, image_size: tuple[int, int] | None = None) -> Resolved:
+    """The request checked against its model and completed with its defaults. `image_size`:
+    an image task's input (width, height), the job's size unless width/height say otherwise."""
+    spec = model_for(req, registry)
 
     d, lim = spec.defaults, spec.limits
-    width, height = req.width or d.width, req.height or d.height
+    size = image_size if image_size and not (req.width or req.height) else None
+    if size and req.resize == "fit":
+        size = nearest_size(spec, *size)
+    width, height = size or (req.width or d.width, req.height or d.height)
+    hint = " (the image's size; send width and height, or resize: 'fit')" if size else ""
     for name, value in (("width", width), ("height", height)):
         if not lim.min_size <= value <= lim.max_size or value % lim.size_multiple:
-            raise invalid(name, f"{name} must be a multiple of {lim.size_multiple} between "
-                                f"{lim.min_size} and {lim.max_size} for model {spec.id}, got {value}")
+            raise invalid("image" if size else name, f"{name} must be a multiple of {lim.size_multiple} between "
+                          f"{lim.min_size} and {lim.max_size} for model {spec.id}, got {value}{hint}")
     if lim.sizes and (width, height) not in lim.sizes:
         sizes = ", ".join(f"{w}x{h}" for w, h in lim.sizes)
-        raise invalid("width", f"model {spec.id} serves the sizes {sizes} (width x height), got {width}x{height}")
+        raise invalid("image" if size else "width",
+                      f"model {spec.id} serves the sizes {sizes} (width x height), got {width}x{height}{hint}")
     steps = req.steps or d.steps
     if steps > lim.max_steps:
         raise invalid("steps", f"steps must be at most {lim.max_steps} for model {spec.id}, got {steps}")

@@ -150,7 +150,7 @@ class Worker:
                                        f"(serves: {', '.join(RUNNERS)})"), failures.UNSUPPORTED_TASK))
                 continue
             try:
-                active = Active(job, c, runner.parse(job.request, self.models[job.model]))
+                active = Active(job, c, runner.parse(job.request, self.models[job.model], job.inputs))
             except JobInputError as exc:
                 failed.append((Outcome(job, c, "failed", f"invalid request: {exc}"), failures.INVALID_INPUT))
                 continue

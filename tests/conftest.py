@@ -86,7 +86,7 @@ def model_entry(model_id: str, path: Path, family: str, **overrides) -> dict:
         "id": model_id,
         "path": str(path),
         "family": family,
-        "tasks": ["txt2img"],
+        "tasks": ["txt2img", "img2img"],
         "samplers": ["flow_euler"] if family == "mmdit" else ["ddim", "euler"],
         "defaults": {"sampler": "flow_euler" if family == "mmdit" else "ddim", "steps": 20,
                      "guidance_scale": 4.0, "width": 64, "height": 64},
@@ -267,6 +267,7 @@ def enqueue_together(r: redis.Redis, jobs: list, ttl_s: int = 600) -> None:
     pipe = r.pipeline(transaction=True)
     for job in jobs:
         fields = [x for pair in encode_job(job).items() for x in pair]
-        script(keys=[Keys.stream(job.model), Keys.job(job.id), Keys.stream(job.model, urgent=True)],
-               args=[1000, ttl_s, job.id, job.num_images, *fields], client=pipe)
+        stored = [x for pair in job.inputs.items() for x in pair]
+        script(keys=[Keys.stream(job.model), Keys.job(job.id), Keys.stream(job.model, urgent=True), Keys.inputs(job.id)],
+               args=[1000, ttl_s, job.id, job.num_images, len(stored), *stored, *fields], client=pipe)
     assert all(pipe.execute())

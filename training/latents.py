@@ -19,29 +19,36 @@ from training.shapes import caption, random_scene, render
 
 @torch.no_grad()
 def build_bank(vae_dir: Path, n: int, seed: int = 1, chunk: int = 256, size: tuple[int, int] = (64, 64),
-               device: str = "cpu") -> dict:
+               device: str = "cpu", keep_images: bool = False) -> dict:
+    """`keep_images`: the rendered uint8 images too (the inpainting trainer masks them)."""
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().to(device)
     rng = random.Random(seed)
-    latents, captions = [], []
+    latents, captions, kept = [], [], []
     for start in range(0, n, chunk):
         images = []
         for _ in range(min(chunk, n - start)):
             text, scene = caption(random_scene(rng), rng)
             images.append(render(scene, size, rng))
             captions.append(text)
+        if keep_images:
+            kept.append(torch.from_numpy(np.stack(images)))
         x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
             mean = vae.encode(x).latent_dist.mean.cpu()
         latents.append((mean.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor)
-    return {"latents": torch.cat(latents).half(), "captions": captions}
+    bank = {"latents": torch.cat(latents).half(), "captions": captions}
+    if keep_images:
+        bank["images"] = torch.cat(kept)
+    return bank
 
 
-def load_or_build(path: Path, vae_dir: Path, n: int, seed: int = 1, device: str = "cpu") -> dict:
+def load_or_build(path: Path, vae_dir: Path, n: int, seed: int = 1, device: str = "cpu",
+                  keep_images: bool = False) -> dict:
     if path.exists():
         bank = torch.load(path, weights_only=False)
-        if len(bank["captions"]) >= n:
+        if len(bank["captions"]) >= n and (not keep_images or "images" in bank):
             return bank
-    bank = build_bank(vae_dir, n, seed, device=device)
+    bank = build_bank(vae_dir, n, seed, device=device, keep_images=keep_images)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(bank, path)
     return bank

@@ -58,9 +58,15 @@ def start(noise: torch.Tensor, schedule: Schedule, sampler: str, generator: torc
           eta: float = 0.0, **conditioning: Any) -> Row:
     """A row at step 0: its noise scaled to the schedule's first sigma, as diffusers starts.
     `conditioning`: cond, uncond, guide_cond, guidance (Row fields)."""
+    return start_at(noise * schedule.noise_scale, schedule, sampler, generator, eta, **conditioning)
+
+
+def start_at(x: torch.Tensor, schedule: Schedule, sampler: str, generator: torch.Generator | None = None,
+             eta: float = 0.0, **conditioning: Any) -> Row:
+    """A row at step 0 of `schedule` whose sample is `x` already (image-to-image: the input's
+    latents noised to the schedule's first sigma)."""
     t = None if schedule.timesteps is None else float(schedule.timesteps[0])
-    return Row(noise * schedule.noise_scale, float(schedule.sigmas[0]), t, schedule, sampler,
-               generator=generator, eta=eta, **conditioning)
+    return Row(x, float(schedule.sigmas[0]), t, schedule, sampler, generator=generator, eta=eta, **conditioning)
 
 
 @dataclass(frozen=True)

@@ -73,22 +73,31 @@ def start_rows(model: LoadedModel, batch: Txt2ImgBatch, noise: torch.Tensor | No
     generator per image)."""
     generators = StackedGenerator([image.seed for image in batch.images])
     noise = initial_noise(model, batch, generators) if noise is None else noise
-    # 1. Conditions: every prompt and negative prompt, once for the batch.
-    cond = model.encode_prompts([image.prompt for image in batch.images]).rows()
-    uncond = model.encode_prompts([image.negative_prompt for image in batch.images]).rows()
-    guide_cond: list = [None] * len(batch.images)
-    if any(image.guidance == "autoguidance" for image in batch.images):
-        if model.guide is None:
-            raise ValueError(f"model {model.spec.id} has no guide model for autoguidance")
-        guide_cond = model.guide.encode_prompts([image.prompt for image in batch.images]).rows()
     rows = []
-    for k, image in enumerate(batch.images):
-        sampler = image.sampler or batch.sampler
-        schedule = make_schedule(model.scheduler_config, sampler, image.steps or batch.steps, image.schedule)
-        rows.append(start(noise[k].to(model.device), schedule, sampler, generators.generators[k], image.eta,
-                          cond=cond[k], uncond=uncond[k], guide_cond=guide_cond[k],
+    for k, (image, conditions) in enumerate(zip(batch.images, conditions_of(model, batch.images))):
+        schedule = schedule_of(model, image, batch)
+        rows.append(start(noise[k].to(model.device), schedule, image.sampler or batch.sampler,
+                          generators.generators[k], image.eta, **conditions,
                           guidance=guidance_of(model, image, schedule)))
     return rows
+
+
+def schedule_of(model: LoadedModel, image: ImageRequest, batch: Txt2ImgBatch) -> Schedule:
+    return make_schedule(model.scheduler_config, image.sampler or batch.sampler, image.steps or batch.steps,
+                         image.schedule)
+
+
+def conditions_of(model: LoadedModel, images: list[ImageRequest]) -> list[dict]:
+    """Each image's cond, uncond and guide_cond (Row fields): every prompt and negative
+    prompt encoded once for the batch."""
+    cond = model.encode_prompts([image.prompt for image in images]).rows()
+    uncond = model.encode_prompts([image.negative_prompt for image in images]).rows()
+    guide_cond: list = [None] * len(images)
+    if any(image.guidance == "autoguidance" for image in images):
+        if model.guide is None:
+            raise ValueError(f"model {model.spec.id} has no guide model for autoguidance")
+        guide_cond = model.guide.encode_prompts([image.prompt for image in images]).rows()
+    return [dict(cond=c, uncond=u, guide_cond=g) for c, u, g in zip(cond, uncond, guide_cond)]
 
 
 def evaluator_of(model: LoadedModel, counter: list[int] | None = None):

@@ -34,12 +34,15 @@ class ApiQueue:
                 if "BUSYGROUP" not in str(exc):
                     raise
 
-    async def enqueue(self, job: Job, max_queue: int) -> Job:
+    async def enqueue(self, job: Job, max_queue: int, inputs: dict[str, bytes] | None = None) -> Job:
+        """Queue the job (and its uploads, under their own key); QueueFull at max_queue."""
         fields = flatten(encode_job(job))
+        stored = flatten(inputs or {})
         urgent = job.request.get("priority") == "high"
         sid = await self._enqueue(
-            keys=[Keys.stream(job.model, urgent), Keys.job(job.id), Keys.stream(job.model, not urgent)],
-            args=[max_queue, self.ttl, job.id, job.num_images, *fields],
+            keys=[Keys.stream(job.model, urgent), Keys.job(job.id), Keys.stream(job.model, not urgent),
+                  Keys.inputs(job.id)],
+            args=[max_queue, self.ttl, job.id, job.num_images, len(stored), *stored, *fields],
         )
         if sid is None:
             raise QueueFull(job.model)

@@ -37,6 +37,10 @@ class Keys:
         return f"{PREFIX}:engines:{model}"  # hash: worker id -> JSON {engine, precision, device}
 
     @staticmethod
+    def inputs(job_id: str) -> str:
+        return f"{PREFIX}:input:{job_id}"  # hash: an image task's uploads (normalised PNG), the job's TTL
+
+    @staticmethod
     def cost(model: str) -> str:
         return f"{PREFIX}:cost:{model}"  # hash: worker id -> JSON service.cost.Cost
 

@@ -28,6 +28,8 @@ class Job:
     timings: dict[str, float] | None = None
     stream_id: str | None = None
     last_error: str | None = None  # the error of a failed attempt that will be retried
+    # An image task's uploads (name -> normalised PNG): stored under their own key, not in the record.
+    inputs: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     @property
     def num_images(self) -> int:
@@ -42,7 +44,7 @@ _INT_FIELDS = {"attempts", "progress_step", "progress_total", "batch_size", "den
 def encode_job(job: Job) -> dict[str, str]:
     out = {}
     for name, value in asdict(job).items():
-        if value is None:
+        if value is None or name == "inputs":
             continue
         out[name] = json.dumps(value) if name in _JSON_FIELDS else str(value)
     return out

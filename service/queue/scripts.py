@@ -2,12 +2,18 @@
 
 Only commands Redis 6.2 has. The group name 'workers' is keys.GROUP."""
 
-# KEYS: stream (the job's lane), job, the model's other lane; ARGV: max_queue, ttl, job id,
-# images, field, value, ... max_queue counts both lanes.
+# KEYS: stream (the job's lane), job, the model's other lane, the job's inputs; ARGV: max_queue,
+# ttl, job id, images, n, n items of input name, bytes, ..., then field, value, ... of the record.
+# max_queue counts both lanes. Inputs and record are written together, with the same TTL.
 ENQUEUE = """
 if redis.call('XLEN', KEYS[1]) + redis.call('XLEN', KEYS[3]) >= tonumber(ARGV[1]) then return false end
+local n = tonumber(ARGV[5])
+if n > 0 then
+  redis.call('HSET', KEYS[4], unpack(ARGV, 6, 5 + n))
+  redis.call('EXPIRE', KEYS[4], ARGV[2])
+end
 local sid = redis.call('XADD', KEYS[1], '*', 'job', ARGV[3], 'images', ARGV[4])
-redis.call('HSET', KEYS[2], 'stream_id', sid, unpack(ARGV, 5))
+redis.call('HSET', KEYS[2], 'stream_id', sid, unpack(ARGV, 6 + n))
 redis.call('EXPIRE', KEYS[2], ARGV[2])
 return sid
 """
@@ -61,6 +67,7 @@ if #ARGV > 4 + n then
   redis.call('EXPIRE', KEYS[2], ARGV[2])
 end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[5])  -- the job's inputs: no attempt will read them again
 redis.call('PUBLISH', KEYS[4], ARGV[3])
 return 1
 """

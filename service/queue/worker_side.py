@@ -119,7 +119,13 @@ class WorkerQueue:
         pipe = self.r.pipeline(transaction=False)
         for c in claimed:
             pipe.hgetall(Keys.job(c.job_id))
-        return [decode_job(raw) for raw in pipe.execute()]
+            pipe.hgetall(Keys.inputs(c.job_id))
+        raw = pipe.execute()
+        jobs = [decode_job(record) for record in raw[0::2]]
+        for job, inputs in zip(jobs, raw[1::2]):
+            if job is not None:
+                job.inputs = {(k.decode() if isinstance(k, bytes) else k): v for k, v in inputs.items()}
+        return jobs
 
     def start(self, claimed: list[Claimed]) -> list[int | None]:
         """Mark jobs running; for each, its attempt number, or None if it must not run
@@ -180,7 +186,8 @@ class WorkerQueue:
                 result = {"meta": json.dumps(meta), **{f"image:{k}": i.data for k, i in enumerate(o.images)}}
             flat = flatten(fields)
             self._finish(
-                keys=[Keys.job(o.job.id), Keys.result(o.job.id), o.claimed.stream, Keys.events(o.job.id)],
+                keys=[Keys.job(o.job.id), Keys.result(o.job.id), o.claimed.stream, Keys.events(o.job.id),
+                      Keys.inputs(o.job.id)],
                 args=[o.claimed.stream_id, self.ttl, make_event("done", status=o.status), len(flat), *flat,
                       *flatten(result)],
                 client=pipe,
