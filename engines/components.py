@@ -74,6 +74,7 @@ def component_spec(name: str, family: str, layout) -> ComponentSpec:
     """The signature of component `name` of a model with this `layout` (engines.layout)."""
     c, L = layout.latent_channels, layout.text_length
     latent = ("batch", c, "latent_height", "latent_width")
+    denoiser_in = ("batch", layout.denoiser_in_channels, "latent_height", "latent_width")
     if name in ("text_encoder", "text_encoder_2"):
         outputs = (F("hidden_states", "batch", L, "text_width"),)
         if family == "mmdit":
@@ -82,7 +83,7 @@ def component_spec(name: str, family: str, layout) -> ComponentSpec:
     if name == "denoiser":
         if family == "ldm":
             return ComponentSpec(name, "unet", (
-                F("sample", *latent), F("timestep", "batch"),
+                F("sample", *denoiser_in), F("timestep", "batch"),
                 F("encoder_hidden_states", "batch", L, layout.context_width),
             ), (F("out_sample", *latent),))
         return ComponentSpec(name, "transformer", (

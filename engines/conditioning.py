@@ -21,26 +21,38 @@ import torch.nn.functional as F
 class Conditioning:
     embeds: torch.Tensor  # [B, tokens, dim]
     pooled: torch.Tensor | None = None  # [B, dim] (MMDiT)
+    # Channels concatenated to the denoiser's input (an inpainting UNet's mask and masked-image
+    # latents, [B, 5, h, w]): spatial conditioning, per row like the text.
+    concat: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> "Conditioning":
         """The rows `index` picks (a bool mask or indices)."""
-        return Conditioning(self.embeds[index], None if self.pooled is None else self.pooled[index])
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Conditioning(self.embeds[index], pick(self.pooled), pick(self.concat))
 
     def rows(self) -> list["Conditioning"]:
-        """One Conditioning per row (each [tokens, dim] / [dim])."""
-        pooled = [None] * len(self.embeds) if self.pooled is None else list(self.pooled)
-        return [Conditioning(e, p) for e, p in zip(self.embeds, pooled)]
+        """One Conditioning per row (each [tokens, dim] / [dim] / [C, h, w])."""
+        n = len(self.embeds)
+        pooled = [None] * n if self.pooled is None else list(self.pooled)
+        concat = [None] * n if self.concat is None else list(self.concat)
+        return [Conditioning(e, p, c) for e, p, c in zip(self.embeds, pooled, concat)]
+
+    def with_concat(self, concat: torch.Tensor) -> "Conditioning":
+        """This (one row's) conditioning with spatial channels for the denoiser's input."""
+        return Conditioning(self.embeds, self.pooled, concat)
 
     @staticmethod
     def stack(rows: list["Conditioning"]) -> "Conditioning":
         """The inverse of rows()."""
         pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
-        return Conditioning(torch.stack([r.embeds for r in rows]), pooled)
+        concat = None if rows[0].concat is None else torch.stack([r.concat for r in rows])
+        return Conditioning(torch.stack([r.embeds for r in rows]), pooled, concat)
 
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
         pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        return Conditioning(torch.cat([p.embeds for p in parts]), pooled)
+        concat = None if parts[0].concat is None else torch.cat([p.concat for p in parts])
+        return Conditioning(torch.cat([p.embeds for p in parts]), pooled, concat)
 
 
 def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -31,6 +31,13 @@ class ModelLayout:
     context_width: int  # the denoiser's text-token width
     pooled_width: int  # MMDiT pooled projection width (0 for LDM)
     t5_tokens: int  # zero tokens standing in for T5 (MMDiT without T5)
+    # The denoiser's input channels: latent_channels, or more for an inpainting UNet (SD's 9:
+    # the latent, the mask, the masked image's latents).
+    in_channels: int = 0
+
+    @property
+    def denoiser_in_channels(self) -> int:
+        return self.in_channels or self.latent_channels
 
     @property
     def size_multiple(self) -> int:
@@ -45,11 +52,13 @@ class ModelLayout:
         if spec.family == "ldm":
             unet = _json(root / "unet" / "config.json")
             denoiser_factor = 2 ** (len(unet["block_out_channels"]) - 1)
-            channels, context, pooled, t5 = unet["in_channels"], unet["cross_attention_dim"], 0, 0
+            channels, context, pooled, t5 = unet["out_channels"], unet["cross_attention_dim"], 0, 0
+            in_channels = unet["in_channels"]
         else:
             dit = _json(root / "transformer" / "config.json")
             denoiser_factor = dit["patch_size"]
             channels, context, pooled = dit["in_channels"], dit["joint_attention_dim"], dit["pooled_projection_dim"]
+            in_channels = channels
             t5 = int(spec.options.get("t5_sequence_length", 256))
         return cls(
             family=spec.family,
@@ -64,4 +73,5 @@ class ModelLayout:
             context_width=int(context),
             pooled_width=int(pooled),
             t5_tokens=t5,
+            in_channels=in_channels,
         )

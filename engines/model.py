@@ -27,6 +27,8 @@ class UNetNet:
     engine: Engine
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        if cond.concat is not None:  # an inpainting UNet: [latent, mask, masked image latents]
+            x = torch.cat([x, cond.concat.to(x)], 1)
         return self.engine(sample=x, timestep=t, encoder_hidden_states=cond.embeds)["out_sample"]
 
 
@@ -92,6 +94,7 @@ class LoadedModel:
     latent_channels: int
     vae_scale_factor: int  # pixels per latent cell
     size_multiple: int  # pixel sizes must be multiples of this (VAE x denoiser downsampling)
+    in_channels: int = 0  # the denoiser's input channels when more than the latent's (an inpainting UNet)
     engine: str = "torch"
     precision: str = "fp32"
     device: str = "cpu"
@@ -135,5 +138,5 @@ def assemble(spec: ModelSpec, layout: ModelLayout, tokenizers: list, engines: di
         vae=Vae(engines["vae_decoder"], engines.get("vae_encoder"), layout.scaling_factor, layout.shift_factor),
         scheduler_config=layout.scheduler_config, latent_channels=layout.latent_channels,
         vae_scale_factor=layout.vae_scale_factor, size_multiple=layout.size_multiple,
-        engine=engine, precision=precision, device=device, components=engines,
+        in_channels=layout.denoiser_in_channels, engine=engine, precision=precision, device=device, components=engines,
     )

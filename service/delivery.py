@@ -32,14 +32,18 @@ def outcomes_of(model: LoadedModel, jobs: list[Active]) -> list[Outcome]:
     images from its own range of the call."""
     started = time.perf_counter()
     call = Call.assemble(jobs)
-    pixels = RUNNERS[jobs[0].job.task].finish(model, call.rows).numpy()
+    pixels = RUNNERS[jobs[0].job.task].finish(model, call.rows).numpy()  # jobs of one task: Worker._step
     decode_s = time.perf_counter() - started
     finished_at = time.time()
     outcomes = []
     for a, span in zip(call.jobs, call.ranges):  # each job reads only its own range
         p, job = a.params, a.job
-        images = [StoredImage(*encode_image(np.ascontiguousarray(pixels[row]), p.output_format),
-                              seed, p.width, p.height) for row, seed in zip(span, p.seeds())]
+        own = pixels[span.start:span.stop]
+        composite = RUNNERS[job.task].composite
+        if composite is not None:
+            own = composite(p, own)
+        images = [StoredImage(*encode_image(np.ascontiguousarray(image), p.output_format), seed, p.width, p.height)
+                  for image, seed in zip(own, p.seeds())]
         started_at = job.started_at or finished_at
         timings = {"queue_s": round(max(0.0, started_at - job.created_at), 4),
                    "inference_s": round(finished_at - started_at, 4), "decode_s": round(decode_s, 4),

@@ -25,7 +25,7 @@ from engines.guidance import MODES
 from engines.model import LoadedModel
 from engines.sampler_catalog import CATALOG
 from engines.sampling import Row
-from engines.tasks import img2img, txt2img
+from engines.tasks import img2img, inpaint, txt2img
 from service.cost import network_rows
 from service.scheduler import PRIORITIES
 from service.uploads import from_png
@@ -229,14 +229,61 @@ def begin_img2img(model: LoadedModel, jobs: list[Img2ImgParams]) -> list[list[Ro
 
 
 @dataclass(frozen=True)
+class InpaintParams(Txt2ImgParams):
+    mask_blur: int = 0
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8 [H, W, 3]
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8 [H, W], white = repaint
+
+
+def parse_inpaint(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> InpaintParams:
+    base = parse_txt2img(request, model)
+    params = InpaintParams(**{f.name: getattr(base, f.name) for f in fields(Txt2ImgParams)},
+                           mask_blur=_get(request, "mask_blur", int, 0), image=_image(inputs, "image"),
+                           mask=_image(inputs, "mask"))
+    if params.image.shape != (params.height, params.width, 3):
+        raise JobInputError("image", f"stored image is {params.image.shape}, the job {params.width}x{params.height}")
+    if params.mask.shape != (params.height, params.width):
+        raise JobInputError("mask", f"stored mask is {params.mask.shape}, the job {params.width}x{params.height}")
+    if not 0 <= params.mask_blur <= 64:
+        raise JobInputError("mask_blur", "must be in 0..64")
+    if model.vae.encoder is None:
+        raise JobInputError("task", f"model {model.spec.id} was loaded without its VAE encoder")
+    return params
+
+
+def begin_inpaint(model: LoadedModel, jobs: list[InpaintParams]) -> list[list[Row]]:
+    """Each job's rows at step 0 (a dedicated inpainting model's or the training-free path,
+    engines.tasks.inpaint): its images share one input and mask."""
+    out = []
+    for p in jobs:
+        images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
+                                       p.schedule, p.eta, p.guidance, p.guidance_interval,
+                                       p.guidance_interval_fraction) for seed in p.seeds()]
+        n = p.num_images
+        out.append(inpaint.start_rows(model, inpaint.InpaintBatch(
+            txt2img.Txt2ImgBatch(p.width, p.height, p.sampler, p.steps, images),
+            img2img.pixels_to_tensor(np.repeat(p.image[None], n, axis=0)),
+            inpaint.mask_to_tensor(np.repeat(p.mask[None], n, axis=0)))))
+    return out
+
+
+def composite_inpaint(p: InpaintParams, pixels: np.ndarray) -> np.ndarray:
+    """The input's own pixels back outside the (blurred) mask, for each of the job's images."""
+    return np.stack([inpaint.composite(p.image, image, p.mask, p.mask_blur) for image in pixels])
+
+
+@dataclass(frozen=True)
 class Runner:
     parse: Callable[[Any, LoadedModel, dict[str, bytes]], Any]  # request, model, stored inputs -> typed params
     begin: Callable[[LoadedModel, list[Any]], list[list[Row]]]  # parsed params of jobs -> each one's rows at step 0
     finish: Callable[[LoadedModel, list[Row]], torch.Tensor]  # finished rows of one shape -> uint8 pixels
+    # A job's params and its decoded uint8 [n, H, W, 3] pixels -> what it returns (inpaint's compositing).
+    composite: Callable[[Any, np.ndarray], np.ndarray] | None = None
 
 
 # task name -> runner. A job whose task is missing here fails at once (never retried).
 RUNNERS: dict[str, Runner] = {
     "txt2img": Runner(parse_txt2img, begin_txt2img, txt2img.finish),
     "img2img": Runner(parse_img2img, begin_img2img, txt2img.finish),
+    "inpaint": Runner(parse_inpaint, begin_inpaint, txt2img.finish, composite_inpaint),
 }

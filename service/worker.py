@@ -286,11 +286,14 @@ class Worker:
 
     def _deliver(self, model: LoadedModel, jobs: list[Active]) -> None:
         """Hand finished jobs to the delivery thread (decode, encode, store, ack) and go on."""
+        by_task: dict[str, list[Active]] = {}
         for a in jobs:
             self._forget(a.job.id)
             p = a.params
             self.meters[model.spec.id].job(p.rows_per_step * p.denoiser_calls * area(model, p))
-        self.deliveries.submit(model, jobs)
+            by_task.setdefault(a.job.task, []).append(a)
+        for same_task in by_task.values():  # each task decodes (and composites) its own way
+            self.deliveries.submit(model, same_task)
 
     def _redeliver(self) -> None:
         """Deliveries that raised: an engine failure retries elsewhere; otherwise each job

@@ -6,12 +6,14 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from engines.cache import EngineCache
 from engines.components import component_spec, example_inputs
 from engines.layout import ModelLayout
 from engines.model import LoadedModel
 from engines.registry import Registry
-from engines.tasks import txt2img
+from engines.tasks import inpaint, txt2img
 from export import artefacts
 from service.config import Settings
 from service.metrics import WorkerExporter
@@ -45,7 +47,11 @@ def warm_up(model: LoadedModel) -> float:
     batch = txt2img.Txt2ImgBatch(d.width, d.height, d.sampler, 2,
                                  [txt2img.ImageRequest("warm up", "", 0, d.guidance_scale)])
     started = time.perf_counter()
-    txt2img.run(model, batch)
+    if inpaint.dedicated(model):  # an inpainting UNet needs its mask channels
+        blank = torch.zeros(1, 3, d.height, d.width)
+        inpaint.run(model, inpaint.InpaintBatch(batch, blank, torch.ones(1, 1, d.height, d.width)))
+    else:
+        txt2img.run(model, batch)
     graphs = 0
     for name, engine in model.components.items():
         if hasattr(engine, "capture_all") and name in ("denoiser", "vae_decoder"):

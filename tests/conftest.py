@@ -86,7 +86,7 @@ def model_entry(model_id: str, path: Path, family: str, **overrides) -> dict:
         "id": model_id,
         "path": str(path),
         "family": family,
-        "tasks": ["txt2img", "img2img"],
+        "tasks": ["txt2img", "img2img", "inpaint"],
         "samplers": ["flow_euler"] if family == "mmdit" else ["ddim", "euler"],
         "defaults": {"sampler": "flow_euler" if family == "mmdit" else "ddim", "steps": 20,
                      "guidance_scale": 4.0, "width": 64, "height": 64},
@@ -116,6 +116,8 @@ def registry_path(tmp_path_factory) -> Path:
         model_entry("turbo-mmdit", MODELS / "tiny-mmdit", "mmdit",  # a distilled few-step model's limits
                     defaults={"steps": 4, "schedule": "turbo", "guidance": "none", "guidance_scale": 1.0},
                     limits={"max_steps": 4, "sizes": [[64, 64], [64, 96]], "guidance_modes": ["none"]}),
+        model_entry("shapes-inpaint", MODELS / "shapes-inpaint", "ldm", tasks=["inpaint"],
+                    limits={"min_size": 64, "max_size": 64, "size_multiple": 16}),
         model_entry("shapes-mmdit", MODELS / "shapes-mmdit", "mmdit", max_batch=16, guide="shapes-mmdit-guide",
                     options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
         model_entry("shapes-mmdit-guide", MODELS / "shapes-mmdit-guide", "mmdit",

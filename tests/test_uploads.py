@@ -97,6 +97,9 @@ def test_the_other_input_rules_name_their_field(api, r):
         (dict(image=b64(png(scene(60, 60)))), 422, "image"),  # 60 is not a multiple of the model's 8
         (dict(image=image, width=96, height=96), 422, "image"),  # another size, without resize
         (dict(image=b64(png(scene(1024, 64)))), 422, "image"),  # over the model's max_size
+        (dict(task="inpaint", image=image), 422, "mask"),  # inpaint needs a mask
+        (dict(task="inpaint", image=image, mask=b64(png(scene(32, 32)[:, :, 0]))), 422, "mask"),  # another size
+        (dict(task="inpaint", image=image, mask=b64(png(scene()[:, :, 0])), strength=0.5), 422, "strength"),
     ]
     for body, status, field in cases:
         response = post(api, **body)

@@ -36,7 +36,7 @@ def load(path: Path, modules: dict, optimizer=None) -> tuple[int, dict]:
     state = torch.load(path, weights_only=False, map_location="cpu")  # also a checkpoint saved on a GPU
     for name, module in modules.items():
         module.load_state_dict(state["modules"][name])
-    if optimizer is None:
+    if optimizer is None or "optimizer" not in state:  # a slim checkpoint (training.slim): fresh optimizer
         return state["step"], state["extra"]
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])

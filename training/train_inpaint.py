@@ -85,6 +85,7 @@ def train(args) -> None:
 def export(args) -> None:
     tokenizer, net = build(args)
     ema, step, extra = load_ema(args, net)
+    ema.half()  # stored in fp16 (the EMA weights training.slim brings back are fp16 already)
     scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                               prediction_type="v_prediction")
     pipe = StableDiffusionInpaintPipeline(

@@ -16,6 +16,31 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class Known:
+    """A training-free inpainting row's known region (diffusers' inpaint pipelines with a
+    plain denoiser): after every step, where `mask` is 0 the sample is replaced by the input's
+    latents noised to the row's new sigma with the row's initial noise; after the last step,
+    by the clean latents."""
+
+    x0: torch.Tensor  # [C, h, w] the input image's latents (its posterior sample)
+    noise: torch.Tensor  # [C, h, w] the row's initial noise
+    mask: torch.Tensor  # [1, h, w] 1 = generate, 0 = keep
+    flow: bool = False  # rectified flow: x = (1 - s) x0 + s noise; else VP: x = x0 + s noise
+
+    def at(self, sigma: float, last: bool) -> torch.Tensor:
+        """The known latents where a row at `sigma` keeps them, in sampler space."""
+        if self.flow:
+            return self.x0 if last else (1 - sigma) * self.x0 + sigma * self.noise
+        # VP: sampler space is x_vp / sqrt(alpha_bar); the pipelines blend clean latents into
+        # the VP sample after the last step, which sits at the schedule's final sigma.
+        return self.x0 * (1 + sigma**2) ** 0.5 if last else self.x0 + sigma * self.noise
+
+    def blend(self, row: "Row") -> "Row":
+        keep = self.at(row.sigma, row.done)
+        return replace(row, x=(1 - self.mask) * keep + self.mask * row.x)
+
+
+@dataclass(frozen=True)
 class Row:
     x: torch.Tensor  # [C, H, W]: the sample the next denoiser call evaluates
     sigma: float  # the sigma x sits at for that call
@@ -34,6 +59,7 @@ class Row:
     guide_cond: "Conditioning | None" = None  # the guide model's own encoding (autoguidance)
     guidance: "Guidance | None" = None
     apg: torch.Tensor | None = None  # APG's running average of the guidance update
+    known: Known | None = None  # training-free inpainting: the region kept from the input
 
     @property
     def steps(self) -> int:

@@ -40,5 +40,5 @@ def step_rows(rows: list[Row], x0: torch.Tensor) -> list[Row]:
     for name, index in by_sampler.items():
         stepped = STEPS[name](Group.of([rows[i] for i in index]), x0[index])
         for i, row in zip(index, stepped):
-            out[i] = row
+            out[i] = row if row.known is None else row.known.blend(row)
     return out
