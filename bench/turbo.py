@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from bench.engines import arch_dir, build_arch, cpu_info, model_spec
+from bench.archs import arch_dir, build_arch, model_spec
+from bench.engines_report import cpu_info
 from engines import loader
 from engines.registry import load_registry
 from engines.selection import UNVERIFIED_CUDA_HALF

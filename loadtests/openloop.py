@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.engines import cpu_info
+from bench.engines_report import cpu_info
 from loadtests.stack import Stack
 
 CONFIGS = {  # name -> the worker's settings
@@ -169,7 +169,7 @@ def run_config(name: str, args, saturation: float | None, log_dir: Path) -> dict
 def serve_stand_in(work: Path, quick: bool) -> str:
     """Build the SD-1.5-sized random-weight model and a registry serving it; the servers'
     processes inherit the settings. Returns the device's name."""
-    from bench.engines import build_arch
+    from bench.archs import build_arch
 
     path = work / ("sd15-sized-quick" if quick else "sd15-sized")
     print("stand-in", json.dumps(build_arch("sd15-sized", quick, path)), flush=True)
