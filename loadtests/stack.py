@@ -38,10 +38,14 @@ class Stack:
         binary, _ = redis_server_binary()
         self.procs = [self._spawn("redis", [binary, "--port", str(self.redis_port), "--save", "",
                                             "--appendonly", "no", "--dir", str(self.dir)], base)]
-        self._wait(lambda: _redis_up(self.redis_port), "redis")
-        self.procs.append(self._spawn("api", [sys.executable, "-m", "service.api"], base))
-        self.procs.append(self._spawn("worker", [sys.executable, "-m", "service.worker"], {**base, **worker_env}))
-        self._wait(self._ready, "the API and a live worker")
+        try:
+            self._wait(lambda: _redis_up(self.redis_port), "redis")
+            self.procs.append(self._spawn("api", [sys.executable, "-m", "service.api"], base))
+            self.procs.append(self._spawn("worker", [sys.executable, "-m", "service.worker"], {**base, **worker_env}))
+            self._wait(self._ready, "the API and a live worker")
+        except BaseException:  # a stack that never came up leaves no processes behind
+            self.close()
+            raise
 
     def _spawn(self, name: str, argv: list[str], env: dict) -> subprocess.Popen:
         log = open(self.log_dir / f"{name}.log", "ab")
