@@ -82,9 +82,10 @@ def component_spec(name: str, family: str, layout) -> ComponentSpec:
         return ComponentSpec(name, name, (I64("input_ids", "batch", L),), outputs)
     if name == "denoiser":
         if family == "ldm":
+            labels = (I64("class_labels", "batch"),) if layout.class_embeds else ()
             return ComponentSpec(name, "unet", (
                 F("sample", *denoiser_in), F("timestep", "batch"),
-                F("encoder_hidden_states", "batch", L, layout.context_width),
+                F("encoder_hidden_states", "batch", L, layout.context_width), *labels,
             ), (F("out_sample", *latent),))
         return ComponentSpec(name, "transformer", (
             F("sample", *latent), F("timestep", "batch"),
@@ -130,8 +131,10 @@ class UNet(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return (self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0],)
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
+        # class_labels: the x4 upscaler's noise level (UNets with num_class_embeds only).
+        return (self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+                          return_dict=False)[0],)
 
 
 class MMDiT(torch.nn.Module):

@@ -22,37 +22,36 @@ class Conditioning:
     embeds: torch.Tensor  # [B, tokens, dim]
     pooled: torch.Tensor | None = None  # [B, dim] (MMDiT)
     # Channels concatenated to the denoiser's input (an inpainting UNet's mask and masked-image
-    # latents, [B, 5, h, w]): spatial conditioning, per row like the text.
+    # latents, the x4 upscaler's low-res image): spatial conditioning, per row like the text.
     concat: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # [B] class labels (the x4 upscaler's noise level)
+
+    def _fields(self) -> tuple:
+        return self.embeds, self.pooled, self.concat, self.labels
 
     def select(self, index: torch.Tensor) -> "Conditioning":
         """The rows `index` picks (a bool mask or indices)."""
-        pick = lambda t: None if t is None else t[index]  # noqa: E731
-        return Conditioning(self.embeds[index], pick(self.pooled), pick(self.concat))
+        return Conditioning(*(None if t is None else t[index] for t in self._fields()))
 
     def rows(self) -> list["Conditioning"]:
-        """One Conditioning per row (each [tokens, dim] / [dim] / [C, h, w])."""
+        """One Conditioning per row (each [tokens, dim] / [dim] / [C, h, w] / [])."""
         n = len(self.embeds)
-        pooled = [None] * n if self.pooled is None else list(self.pooled)
-        concat = [None] * n if self.concat is None else list(self.concat)
-        return [Conditioning(e, p, c) for e, p, c in zip(self.embeds, pooled, concat)]
+        return [Conditioning(*(None if t is None else t[i] for t in self._fields())) for i in range(n)]
 
-    def with_concat(self, concat: torch.Tensor) -> "Conditioning":
-        """This (one row's) conditioning with spatial channels for the denoiser's input."""
-        return Conditioning(self.embeds, self.pooled, concat)
+    def with_concat(self, concat: torch.Tensor, labels: torch.Tensor | None = None) -> "Conditioning":
+        """This (one row's) conditioning with spatial channels (and a class label) for the denoiser."""
+        return Conditioning(self.embeds, self.pooled, concat, labels)
 
     @staticmethod
     def stack(rows: list["Conditioning"]) -> "Conditioning":
         """The inverse of rows()."""
-        pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
-        concat = None if rows[0].concat is None else torch.stack([r.concat for r in rows])
-        return Conditioning(torch.stack([r.embeds for r in rows]), pooled, concat)
+        columns = zip(*(r._fields() for r in rows))
+        return Conditioning(*(None if c[0] is None else torch.stack(list(c)) for c in columns))
 
     @staticmethod
     def cat(parts: list["Conditioning"]) -> "Conditioning":
-        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
-        concat = None if parts[0].concat is None else torch.cat([p.concat for p in parts])
-        return Conditioning(torch.cat([p.embeds for p in parts]), pooled, concat)
+        columns = zip(*(p._fields() for p in parts))
+        return Conditioning(*(None if c[0] is None else torch.cat(list(c)) for c in columns))
 
 
 def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -34,6 +34,7 @@ class ModelLayout:
     # The denoiser's input channels: latent_channels, or more for an inpainting UNet (SD's 9:
     # the latent, the mask, the masked image's latents).
     in_channels: int = 0
+    class_embeds: bool = False  # the UNet takes class labels (the x4 upscaler's noise level)
 
     @property
     def denoiser_in_channels(self) -> int:
@@ -54,11 +55,12 @@ class ModelLayout:
             denoiser_factor = 2 ** (len(unet["block_out_channels"]) - 1)
             channels, context, pooled, t5 = unet["out_channels"], unet["cross_attention_dim"], 0, 0
             in_channels = unet["in_channels"]
+            class_embeds = unet.get("num_class_embeds") is not None
         else:
             dit = _json(root / "transformer" / "config.json")
             denoiser_factor = dit["patch_size"]
             channels, context, pooled = dit["in_channels"], dit["joint_attention_dim"], dit["pooled_projection_dim"]
-            in_channels = channels
+            in_channels, class_embeds = channels, False
             t5 = int(spec.options.get("t5_sequence_length", 256))
         return cls(
             family=spec.family,
@@ -74,4 +76,5 @@ class ModelLayout:
             pooled_width=int(pooled),
             t5_tokens=t5,
             in_channels=in_channels,
+            class_embeds=class_embeds,
         )

@@ -27,9 +27,10 @@ class UNetNet:
     engine: Engine
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        if cond.concat is not None:  # an inpainting UNet: [latent, mask, masked image latents]
+        if cond.concat is not None:  # inpainting UNet: + mask, masked image latents; x4 upscaler: + low-res image
             x = torch.cat([x, cond.concat.to(x)], 1)
-        return self.engine(sample=x, timestep=t, encoder_hidden_states=cond.embeds)["out_sample"]
+        labels = {} if cond.labels is None else {"class_labels": cond.labels}
+        return self.engine(sample=x, timestep=t, encoder_hidden_states=cond.embeds, **labels)["out_sample"]
 
 
 @dataclass(frozen=True)

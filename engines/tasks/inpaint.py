@@ -38,8 +38,8 @@ class InpaintBatch:
 
 
 def dedicated(model: LoadedModel) -> bool:
-    """An inpainting UNet: more input channels than latent channels (SD's 9 = 4 + 1 + 4)."""
-    return model.in_channels > model.latent_channels
+    """An inpainting UNet: the latent, a mask channel and the masked image's latents (SD's 9)."""
+    return model.in_channels == 2 * model.latent_channels + 1
 
 
 @torch.inference_mode()

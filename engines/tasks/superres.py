@@ -1,0 +1,70 @@
+"""Super-resolution x4 in the SD x4 upscaler design (LDM-SR, Rombach et al. 2022, sec. 4.4):
+the low-resolution image, noised to `noise_level` by the model's low-res DDPM schedule, is
+concatenated to the latents (which have its size: the VAE is f4) at every call, with the noise
+level as the UNet's class label; the latents then decode to 4x the input's size.
+
+The same computation as diffusers' StableDiffusionUpscalePipeline: from each image's generator
+the low-res image's noise is drawn first, then the latents'; rows share calls with any other
+rows of the upscaler of their size.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from engines.model import LoadedModel
+from engines.noise import StackedGenerator
+from engines.sampling import Row, start
+from engines.schedules import vp_alphas_cumprod
+from engines.tasks.txt2img import Txt2ImgBatch, conditions_of, guidance_of, schedule_of
+
+
+@dataclass(frozen=True)
+class SuperresBatch:
+    batch: Txt2ImgBatch  # the OUTPUT size (4x the input's), default sampler and steps, each image's prompt, seed, guidance
+    images: torch.Tensor  # [B, 3, h, w] low-res inputs in [-1, 1]
+    noise_levels: list[int]
+
+
+def low_res_alphas(model: LoadedModel) -> torch.Tensor:
+    """alpha_bar of the model's `low_res_scheduler` (the noise augmentation's DDPM schedule)."""
+    config = json.loads((model.spec.path / "low_res_scheduler" / "scheduler_config.json").read_text())
+    return vp_alphas_cumprod(config)
+
+
+def max_noise_level(model: LoadedModel) -> int:
+    index = json.loads((model.spec.path / "model_index.json").read_text())
+    return int(index.get("max_noise_level", 350))
+
+
+@torch.inference_mode()
+def start_rows(model: LoadedModel, job: SuperresBatch) -> list[Row]:
+    requests = job.batch.images
+    generators = StackedGenerator([image.seed for image in requests])
+    image_noise = generators.randn(tuple(job.images.shape[1:]))
+    alphas = low_res_alphas(model)
+    levels = torch.tensor(job.noise_levels, dtype=torch.long)
+    a = alphas[levels].view(-1, 1, 1, 1)
+    low = (a.sqrt() * job.images + (1 - a).sqrt() * image_noise).to(model.device)  # DDPMScheduler.add_noise
+    noise = generators.randn((model.latent_channels, *job.images.shape[-2:])).to(model.device)
+    rows = []
+    for k, (image, conditions) in enumerate(zip(requests, conditions_of(model, requests))):
+        label = levels[k].to(model.device)
+        conditions = {name: (c.with_concat(low[k], label) if c is not None and name != "guide_cond" else c)
+                      for name, c in conditions.items()}
+        schedule = schedule_of(model, image, job.batch)
+        rows.append(start(noise[k], schedule, image.sampler or job.batch.sampler, generators.generators[k],
+                          image.eta, **conditions, guidance=guidance_of(model, image, schedule)))
+    return rows
+
+
+@torch.inference_mode()
+def run(model: LoadedModel, job: SuperresBatch) -> torch.Tensor:
+    """The whole batch in one go (tests, evaluation): uint8 [B, 4h, 4w, 3]."""
+    from engines.sampling import sample
+    from engines.tasks.txt2img import evaluator_of, finish
+
+    return finish(model, sample(evaluator_of(model), start_rows(model, job)))
