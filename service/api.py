@@ -145,7 +145,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                          body.task if body.task in KNOWN_TASKS else "unknown")
         model_for(body, registry)  # an unknown model or task before anything uploaded is read
         pixels = await run_in_threadpool(image_inputs.decode_all, image_inputs.gather(body, files), uploads)
-        resolved = resolve(body, registry, image_inputs.image_size(pixels))
+        resolved = resolve(body, registry, image_inputs.image_size(pixels, body.task))
         inputs = await run_in_threadpool(image_inputs.complete, body, resolved, pixels)
         job = Job(id=uuid.uuid4().hex, model=resolved.spec.id, task=body.task,
                   request=resolved.request, created_at=time.time(), warnings=resolved.warnings)

@@ -18,7 +18,8 @@ from service.uploads import UploadLimits, decode, from_base64, to_png
 from service.validation import Resolved, invalid
 
 # The uploads each task takes, all required.
-TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask")}
+TASK_INPUTS = {"img2img": ("image",), "inpaint": ("image", "mask"), "superres": ("image",)}
+UPSCALE = {"superres": 4}  # output pixels per input pixel, per side
 DEFAULT_STRENGTH = 0.8  # diffusers' image-to-image default
 
 
@@ -38,8 +39,8 @@ def gather(req: GenerateRequest, files: dict[str, bytes]) -> dict[str, bytes]:
     for field in raw:
         if field not in needed:
             raise invalid(field, f"task {req.task} takes no {field}")
-    for field in ("strength", "mask_blur"):
-        takes = {"strength": ("img2img",), "mask_blur": ("inpaint",)}[field]
+    for field in ("strength", "mask_blur", "noise_level"):
+        takes = {"strength": ("img2img",), "mask_blur": ("inpaint",), "noise_level": ("superres",)}[field]
         if getattr(req, field) is not None and req.task not in takes:
             raise invalid(field, f"{field} is for task {' / '.join(takes)}, not {req.task}")
     return raw
@@ -49,9 +50,11 @@ def decode_all(raw: dict[str, bytes], limits: UploadLimits) -> dict[str, np.ndar
     return {field: decode(data, field, limits, mask=field == "mask") for field, data in raw.items()}
 
 
-def image_size(pixels: dict[str, np.ndarray]) -> tuple[int, int] | None:
+def image_size(pixels: dict[str, np.ndarray], task: str = "img2img") -> tuple[int, int] | None:
+    """The job's (output) size an input image implies: its own, or 4x it for superres."""
     image = pixels.get("image")
-    return None if image is None else (image.shape[1], image.shape[0])
+    f = UPSCALE.get(task, 1)
+    return None if image is None else (image.shape[1] * f, image.shape[0] * f)
 
 
 def complete(req: GenerateRequest, resolved: Resolved, pixels: dict[str, np.ndarray]) -> dict[str, bytes]:
@@ -63,10 +66,11 @@ def complete(req: GenerateRequest, resolved: Resolved, pixels: dict[str, np.ndar
     if mask is not None and mask.shape != image.shape[:2]:
         raise invalid("mask", f"the mask is {mask.shape[1]}x{mask.shape[0]}, the image "
                               f"{image.shape[1]}x{image.shape[0]}: they must be the same size")
-    size = (r["width"], r["height"])
+    f = UPSCALE.get(req.task, 1)
+    size = (r["width"] // f, r["height"] // f)
     if (image.shape[1], image.shape[0]) != size:
         if req.resize != "fit":
-            raise invalid("image", f"the image is {image.shape[1]}x{image.shape[0]} but the job is "
+            raise invalid("image", f"the image is {image.shape[1]}x{image.shape[0]} but the job needs "
                                    f"{size[0]}x{size[1]}: send an image of that size, or resize: 'fit'")
         image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
         if mask is not None:
@@ -79,6 +83,8 @@ def complete(req: GenerateRequest, resolved: Resolved, pixels: dict[str, np.ndar
         r["strength"] = strength
     if req.task == "inpaint":
         r["mask_blur"] = req.mask_blur or 0
+    if req.task == "superres":
+        r["noise_level"] = 20 if req.noise_level is None else req.noise_level  # StableDiffusionUpscalePipeline's default
     stored = {"image": to_png(image)}
     if mask is not None:
         stored["mask"] = to_png(mask)

@@ -25,7 +25,7 @@ from engines.guidance import MODES
 from engines.model import LoadedModel
 from engines.sampler_catalog import CATALOG
 from engines.sampling import Row
-from engines.tasks import img2img, inpaint, txt2img
+from engines.tasks import img2img, inpaint, superres, txt2img
 from service.cost import network_rows
 from service.scheduler import PRIORITIES
 from service.uploads import from_png
@@ -273,6 +273,38 @@ def composite_inpaint(p: InpaintParams, pixels: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
+class SuperresParams(Txt2ImgParams):
+    noise_level: int = 20
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8 [H/4, W/4, 3]
+
+
+def parse_superres(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> SuperresParams:
+    base = parse_txt2img(request, model)
+    params = SuperresParams(**{f.name: getattr(base, f.name) for f in fields(Txt2ImgParams)},
+                            noise_level=_get(request, "noise_level", int, 20), image=_image(inputs, "image"))
+    f = model.vae_scale_factor
+    if params.image.shape != (params.height // f, params.width // f, 3):
+        raise JobInputError("image", f"stored image is {params.image.shape}, the job {params.width}x{params.height} / {f}")
+    if not 0 <= params.noise_level <= superres.max_noise_level(model):
+        raise JobInputError("noise_level", f"must be in 0..{superres.max_noise_level(model)}")
+    return params
+
+
+def begin_superres(model: LoadedModel, jobs: list[SuperresParams]) -> list[list[Row]]:
+    """Each job's rows: its low-res image noised to its level, concatenated at every call."""
+    out = []
+    for p in jobs:
+        images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
+                                       p.schedule, p.eta, p.guidance, p.guidance_interval,
+                                       p.guidance_interval_fraction) for seed in p.seeds()]
+        n = p.num_images
+        out.append(superres.start_rows(model, superres.SuperresBatch(
+            txt2img.Txt2ImgBatch(p.width, p.height, p.sampler, p.steps, images),
+            img2img.pixels_to_tensor(np.repeat(p.image[None], n, axis=0)), [p.noise_level] * n)))
+    return out
+
+
+@dataclass(frozen=True)
 class Runner:
     parse: Callable[[Any, LoadedModel, dict[str, bytes]], Any]  # request, model, stored inputs -> typed params
     begin: Callable[[LoadedModel, list[Any]], list[list[Row]]]  # parsed params of jobs -> each one's rows at step 0
@@ -286,4 +318,5 @@ RUNNERS: dict[str, Runner] = {
     "txt2img": Runner(parse_txt2img, begin_txt2img, txt2img.finish),
     "img2img": Runner(parse_img2img, begin_img2img, txt2img.finish),
     "inpaint": Runner(parse_inpaint, begin_inpaint, txt2img.finish, composite_inpaint),
+    "superres": Runner(parse_superres, begin_superres, txt2img.finish),
 }

@@ -47,6 +47,8 @@ class GenerateRequest(BaseModel):
     strength: float | None = Field(None, gt=0.0, le=1.0, description="img2img: how far the input is noised "
                                    "(1: entirely; steps * strength steps run). Default 0.8, as diffusers.")
     mask_blur: int | None = Field(None, ge=0, le=64, description="inpaint: soft edge of the mask in pixels.")
+    noise_level: int | None = Field(None, ge=0, le=350, description="superres: noise added to the low-resolution "
+                                    "input (0-350, default 20, as diffusers' x4 upscaler).")
     resize: Literal["none", "fit"] = Field("none", description="none: the image must have the job's size (its "
                                            "own size by default); fit: resized to width x height (or the "
                                            "nearest size the model serves).")

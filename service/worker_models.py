@@ -13,7 +13,7 @@ from engines.components import component_spec, example_inputs
 from engines.layout import ModelLayout
 from engines.model import LoadedModel
 from engines.registry import Registry
-from engines.tasks import inpaint, txt2img
+from engines.tasks import inpaint, superres, txt2img
 from export import artefacts
 from service.config import Settings
 from service.metrics import WorkerExporter
@@ -50,6 +50,9 @@ def warm_up(model: LoadedModel) -> float:
     if inpaint.dedicated(model):  # an inpainting UNet needs its mask channels
         blank = torch.zeros(1, 3, d.height, d.width)
         inpaint.run(model, inpaint.InpaintBatch(batch, blank, torch.ones(1, 1, d.height, d.width)))
+    elif superres.is_upscaler(model):  # an upscaler needs its low-res image
+        f = model.vae_scale_factor
+        superres.run(model, superres.SuperresBatch(batch, torch.zeros(1, 3, d.height // f, d.width // f), [20]))
     else:
         txt2img.run(model, batch)
     graphs = 0

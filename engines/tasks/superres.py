@@ -29,6 +29,11 @@ class SuperresBatch:
     noise_levels: list[int]
 
 
+def is_upscaler(model: LoadedModel) -> bool:
+    """The x4 design: the latent and the low-res image's 3 channels in."""
+    return model.in_channels == model.latent_channels + 3
+
+
 def low_res_alphas(model: LoadedModel) -> torch.Tensor:
     """alpha_bar of the model's `low_res_scheduler` (the noise augmentation's DDPM schedule)."""
     config = json.loads((model.spec.path / "low_res_scheduler" / "scheduler_config.json").read_text())
