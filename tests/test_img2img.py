@@ -119,16 +119,24 @@ def test_img2img_through_the_service_equals_the_engine_and_multipart_equals_json
     assert multipart["status"] == "succeeded" and np.abs(decoded(multipart) - decoded(job)).max() == 0
 
 
-def test_img2img_and_txt2img_rows_share_engine_calls(api, worker, r):
+def test_mixed_tasks_arriving_together_share_calls_and_none_starves(api, worker, r):
+    """txt2img, img2img and training-free inpaint rows of one model and size share each call;
+    another model's inpaint job, arriving with them, runs too."""
     from service.uploads import to_png
     from tests.conftest import enqueue_together, job_record, job_status, wait_until
 
+    picture = to_png(inputs(1)[0])
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
     a = job_record("tiny-ldm", seed=1, steps=12)
     b = job_record("tiny-ldm", task="img2img", seed=2, steps=12, strength=1.0, inputs=["image"])
-    b.inputs = {"image": to_png(inputs(1)[0])}
-    enqueue_together(r, [a, b])
-    done = [wait_until(lambda j=j: (s := job_status(api, j.id))["status"] in ("succeeded", "failed") and s, 60,
-                       "both jobs") for j in (a, b)]
-    assert [d["status"] for d in done] == ["succeeded", "succeeded"], done
-    assert [d["batch"]["size"] for d in done] == [2, 2]  # one call per step over both tasks' rows
-    assert r.exists(f"latentserve:input:{b.id}") == 0  # the inputs went with the finished job
+    c = job_record("tiny-ldm", task="inpaint", seed=3, steps=12, mask_blur=0, inputs=["image", "mask"])
+    d = job_record("tiny-mmdit", task="inpaint", seed=4, steps=12, sampler="flow_euler", inputs=["image", "mask"])
+    b.inputs = {"image": picture}
+    c.inputs = d.inputs = {"image": picture, "mask": to_png(mask)}
+    enqueue_together(r, [a, b, c, d])
+    done = [wait_until(lambda j=j: (s := job_status(api, j.id))["status"] in ("succeeded", "failed") and s, 90,
+                       "every job") for j in (a, b, c, d)]
+    assert [x["status"] for x in done] == ["succeeded"] * 4, done
+    assert [x["batch"]["size"] for x in done[:3]] == [3, 3, 3]  # one call per step over the three tasks' rows
+    assert all(r.exists(f"latentserve:input:{j.id}") == 0 for j in (b, c, d))  # inputs went with the finished jobs
