@@ -84,6 +84,17 @@ class Txt2ImgParams:
         """Image k uses seed + k (wrapping at 2**32), as the API documents."""
         return [(self.seed + k) % 2**32 for k in range(self.num_images)]
 
+    def batch(self) -> txt2img.Txt2ImgBatch:
+        """The job's images as the engines' tasks take them: one per seed, the job's settings."""
+        images = [txt2img.ImageRequest(self.prompt, self.negative_prompt, seed, self.guidance_scale, self.sampler,
+                                       self.steps, self.schedule, self.eta, self.guidance, self.guidance_interval,
+                                       self.guidance_interval_fraction) for seed in self.seeds()]
+        return txt2img.Txt2ImgBatch(self.width, self.height, self.sampler, self.steps, images)
+
+    def repeated(self, pixels: np.ndarray):
+        """An input (image or mask) once per image of the job."""
+        return np.repeat(pixels[None], self.num_images, axis=0)
+
 
 def _get(request: dict, name: str, kind: type, default: Any = None) -> Any:
     value = request.get(name, default)
@@ -164,10 +175,7 @@ def begin_txt2img(model: LoadedModel, jobs: list[Txt2ImgParams]) -> list[list[Ro
     for k, p in enumerate(jobs):
         by_size.setdefault((p.width, p.height), []).append(k)
     for (width, height), ks in by_size.items():
-        images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
-                                       p.schedule, p.eta, p.guidance, p.guidance_interval,
-                                       p.guidance_interval_fraction)
-                  for p in (jobs[k] for k in ks) for seed in p.seeds()]
+        images = [image for k in ks for image in jobs[k].batch().images]
         rows = txt2img.start_rows(model, txt2img.Txt2ImgBatch(width, height, images[0].sampler, images[0].steps, images))
         start = 0
         for k in ks:
@@ -191,6 +199,11 @@ class Img2ImgParams(Txt2ImgParams):
         return CATALOG[self.sampler].calls(self.steps_run)
 
 
+def _extend(cls, base: Txt2ImgParams, **task_fields):
+    """An image task's params: the txt2img ones it shares, parsed once, plus its own."""
+    return cls(**{f.name: getattr(base, f.name) for f in fields(Txt2ImgParams)}, **task_fields)
+
+
 def _image(inputs: dict[str, bytes] | None, name: str) -> np.ndarray:
     data = (inputs or {}).get(name)
     if data is None:
@@ -204,8 +217,7 @@ def _image(inputs: dict[str, bytes] | None, name: str) -> np.ndarray:
 def parse_img2img(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> Img2ImgParams:
     base = parse_txt2img(request, model)
     strength = _get(request, "strength", float, 0.8)
-    params = Img2ImgParams(**{f.name: getattr(base, f.name) for f in fields(Txt2ImgParams)},
-                           strength=strength, image=_image(inputs, "image"))
+    params = _extend(Img2ImgParams, base, strength=strength, image=_image(inputs, "image"))
     if not 0 < strength <= 1 or params.steps_run < 1:
         raise JobInputError("strength", "must be in (0, 1] with steps * strength >= 1")
     if params.image.shape != (params.height, params.width, 3):
@@ -217,15 +229,9 @@ def parse_img2img(request: Any, model: LoadedModel, inputs: dict[str, bytes] | N
 
 def begin_img2img(model: LoadedModel, jobs: list[Img2ImgParams]) -> list[list[Row]]:
     """Each job's rows at the start of its schedule's tail, its image's latents noised there."""
-    out = []
-    for p in jobs:  # per job: its images share one input (num_images seeds, one strength)
-        images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
-                                       p.schedule, p.eta, p.guidance, p.guidance_interval,
-                                       p.guidance_interval_fraction) for seed in p.seeds()]
-        pixels = img2img.pixels_to_tensor(np.repeat(p.image[None], p.num_images, axis=0))
-        out.append(img2img.start_rows(model, img2img.Img2ImgBatch(
-            txt2img.Txt2ImgBatch(p.width, p.height, p.sampler, p.steps, images), pixels, [p.strength] * p.num_images)))
-    return out
+    # per job: its images share one input (num_images seeds, one strength)
+    return [img2img.start_rows(model, img2img.Img2ImgBatch(
+        p.batch(), img2img.pixels_to_tensor(p.repeated(p.image)), [p.strength] * p.num_images)) for p in jobs]
 
 
 @dataclass(frozen=True)
@@ -237,9 +243,8 @@ class InpaintParams(Txt2ImgParams):
 
 def parse_inpaint(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> InpaintParams:
     base = parse_txt2img(request, model)
-    params = InpaintParams(**{f.name: getattr(base, f.name) for f in fields(Txt2ImgParams)},
-                           mask_blur=_get(request, "mask_blur", int, 0), image=_image(inputs, "image"),
-                           mask=_image(inputs, "mask"))
+    params = _extend(InpaintParams, base, mask_blur=_get(request, "mask_blur", int, 0),
+                     image=_image(inputs, "image"), mask=_image(inputs, "mask"))
     if params.image.shape != (params.height, params.width, 3):
         raise JobInputError("image", f"stored image is {params.image.shape}, the job {params.width}x{params.height}")
     if params.mask.shape != (params.height, params.width):
@@ -254,17 +259,9 @@ def parse_inpaint(request: Any, model: LoadedModel, inputs: dict[str, bytes] | N
 def begin_inpaint(model: LoadedModel, jobs: list[InpaintParams]) -> list[list[Row]]:
     """Each job's rows at step 0 (a dedicated inpainting model's or the training-free path,
     engines.tasks.inpaint): its images share one input and mask."""
-    out = []
-    for p in jobs:
-        images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
-                                       p.schedule, p.eta, p.guidance, p.guidance_interval,
-                                       p.guidance_interval_fraction) for seed in p.seeds()]
-        n = p.num_images
-        out.append(inpaint.start_rows(model, inpaint.InpaintBatch(
-            txt2img.Txt2ImgBatch(p.width, p.height, p.sampler, p.steps, images),
-            img2img.pixels_to_tensor(np.repeat(p.image[None], n, axis=0)),
-            inpaint.mask_to_tensor(np.repeat(p.mask[None], n, axis=0)))))
-    return out
+    return [inpaint.start_rows(model, inpaint.InpaintBatch(
+        p.batch(), img2img.pixels_to_tensor(p.repeated(p.image)), inpaint.mask_to_tensor(p.repeated(p.mask))))
+        for p in jobs]
 
 
 def composite_inpaint(p: InpaintParams, pixels: np.ndarray) -> np.ndarray:
@@ -280,8 +277,8 @@ class SuperresParams(Txt2ImgParams):
 
 def parse_superres(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> SuperresParams:
     base = parse_txt2img(request, model)
-    params = SuperresParams(**{f.name: getattr(base, f.name) for f in fields(Txt2ImgParams)},
-                            noise_level=_get(request, "noise_level", int, 20), image=_image(inputs, "image"))
+    params = _extend(SuperresParams, base, noise_level=_get(request, "noise_level", int, 20),
+                     image=_image(inputs, "image"))
     f = model.vae_scale_factor
     if params.image.shape != (params.height // f, params.width // f, 3):
         raise JobInputError("image", f"stored image is {params.image.shape}, the job {params.width}x{params.height} / {f}")
@@ -292,16 +289,8 @@ def parse_superres(request: Any, model: LoadedModel, inputs: dict[str, bytes] | 
 
 def begin_superres(model: LoadedModel, jobs: list[SuperresParams]) -> list[list[Row]]:
     """Each job's rows: its low-res image noised to its level, concatenated at every call."""
-    out = []
-    for p in jobs:
-        images = [txt2img.ImageRequest(p.prompt, p.negative_prompt, seed, p.guidance_scale, p.sampler, p.steps,
-                                       p.schedule, p.eta, p.guidance, p.guidance_interval,
-                                       p.guidance_interval_fraction) for seed in p.seeds()]
-        n = p.num_images
-        out.append(superres.start_rows(model, superres.SuperresBatch(
-            txt2img.Txt2ImgBatch(p.width, p.height, p.sampler, p.steps, images),
-            img2img.pixels_to_tensor(np.repeat(p.image[None], n, axis=0)), [p.noise_level] * n)))
-    return out
+    return [superres.start_rows(model, superres.SuperresBatch(
+        p.batch(), img2img.pixels_to_tensor(p.repeated(p.image)), [p.noise_level] * p.num_images)) for p in jobs]
 
 
 @dataclass(frozen=True)
