@@ -23,23 +23,8 @@ QUICK=${QUICK:-}
 PY=${PY:-python3}
 TRAIN_S=${TRAIN_S:-330}     # wall-clock for the trainers, synthesis and banks included
 mkdir -p "$OUT" "$WORK"
-started=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - started ))s] $*"; }
-
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then  # packages the host lacks (diffusers)
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-else
-  export PYTHONPATH=$PWD
-fi
-{
-  date -u +"%Y-%m-%d %H:%M UTC"
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
-  $PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__,
-'transformers', transformers.__version__, 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
-  lscpu | grep 'Model name'
-} > "$WORK/env.txt" 2>&1
-cat "$WORK/env.txt"
+source bench/gpu/common.sh  # wheels, env.txt (in $OUT), stamp
+cp "$OUT/env.txt" "$WORK/env.txt"
 
 if [ -n "$QUICK" ]; then
   LADD="--data 16 --chunk 8 --batch 8 --sizes 64x64 96x64"; LDM="--bank 256 --batch 8 --width 32"; TESTS="-k euler"
