@@ -38,8 +38,9 @@ CONFIGS = {  # name -> the worker's settings
     "step-level": {"LATENTSERVE_SCHEDULER": "step"},
     "whole-request": {"LATENTSERVE_SCHEDULER": "request"},
     "one-at-a-time": {"LATENTSERVE_SCHEDULER": "request", "LATENTSERVE_MAX_BATCH": "1"},
-    # What the delivery thread buys: step-level with decoding inline (not in the default run).
-    "step-level-inline-decode": {"LATENTSERVE_SCHEDULER": "step", "LATENTSERVE_DECODE_OVERLAP": "0"},
+    # What the delivery thread does on this host: step-level with decoding on a thread (the
+    # default on CUDA, off on CPUs); not in the default run.
+    "step-level-decode-thread": {"LATENTSERVE_SCHEDULER": "step", "LATENTSERVE_DECODE_OVERLAP": "on"},
 }
 DEFAULT_CONFIGS = ["step-level", "whole-request", "one-at-a-time"]
 # The mix: (class, weight, request body). 4, 20 and 28 steps, guidance on and off, two sizes.

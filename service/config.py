@@ -26,8 +26,16 @@ class Settings:
     # Whole-request policy only: after its first job, how long a worker waits for more to fill
     # the batch. Step-level admission needs none (a later job joins at the next step).
     fill_window_s: float = 0.02
-    # Decode, encode and store finished jobs on a thread while the next step runs (0: inline).
-    decode_overlap: int = 1
+    # Decode, encode and store finished jobs on a thread while the next step runs: on | off |
+    # auto (on for CUDA workers; off on CPUs, where the thread's torch work competes with the
+    # denoiser's for the same cores: measured 2x slower on 2 cores, loadtests/reports).
+    decode_overlap: str = "auto"
+
+    def overlap_decoding(self) -> bool:
+        value = self.decode_overlap.lower()
+        if value in ("auto", ""):
+            return self.device.startswith("cuda")
+        return value in ("1", "on", "true", "yes")
     visibility_timeout_s: float = 60.0  # a claimed job idle this long is reclaimed
     max_attempts: int = 3  # deliveries before a job is dead-lettered as failed
     job_ttl_s: int = 86400  # job records and results expire after this

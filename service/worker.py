@@ -64,7 +64,7 @@ class Worker:
         # heartbeat from touching an entry just released (which would hide it again).
         self._holding: list[Claimed] = []
         self._hold_lock = threading.Lock()
-        self.deliveries = Deliveries(self._finish, settings.decode_overlap)
+        self.deliveries = Deliveries(self._finish, settings.overlap_decoding())
 
     # ------------------------------------------------------------------ main loop
 

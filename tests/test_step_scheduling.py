@@ -99,3 +99,14 @@ def test_a_job_that_cannot_finish_in_time_gets_429_with_retry_after_and_never_re
     assert r.xlen("latentserve:stream:slow-ldm") == 0  # nothing was queued
     admitted = generate(api, **LONG, timeout_s=600).json()
     assert admitted["status"] == "succeeded", admitted
+
+
+def test_decoding_on_the_delivery_thread_gives_the_inline_image(api, start_worker):
+    """LATENTSERVE_DECODE_OVERLAP=on (the CUDA default) against off (the CPU default)."""
+    start_worker("slow-ldm", "thread-w", decode_overlap="on")
+    threaded = generate(api, **SHORT).json()
+    assert threaded["status"] == "succeeded", threaded
+    start_worker("huge-ldm", "inline-w", decode_overlap="off")
+    inline = generate(api, **{**SHORT, "model": "huge-ldm"}).json()
+    assert inline["status"] == "succeeded", inline
+    assert np.abs(pixels(threaded) - pixels(inline)).max() == 0
