@@ -92,7 +92,7 @@ def test_models_lists_ids_tasks_defaults_limits(api, worker):
     models = {m["id"]: m for m in body["models"]}
     assert {"tiny-mmdit", "tiny-ldm", "slow-ldm", "limited"} <= set(models)
     m = models["tiny-ldm"]
-    assert m["tasks"] == ["txt2img", "img2img"] and m["defaults"]["sampler"] == "ddim"
+    assert m["tasks"] == ["txt2img", "img2img", "inpaint"] and m["defaults"]["sampler"] == "ddim"
     assert m["limits"]["size_multiple"] == 8 and m["engine"] == "torch"
     assert m["live_workers"] == 1 and models["limited"]["live_workers"] == 0
 

@@ -25,7 +25,7 @@ def test_onnxruntime_worker_builds_once_then_serves_from_the_cache(api, start_wo
     port = free_port()
     first = start_worker("slow-ldm", "ort-a", engine="onnxruntime", engine_cache=cache, metrics_port=port)
     counts = cache_counts(port)
-    components = {"text_encoder", "denoiser", "vae_decoder"}
+    components = {"text_encoder", "denoiser", "vae_decoder", "vae_encoder"}  # it serves img2img and inpaint too
     assert set(counts["latentserve_engine_cache_misses_total"]) == components
     assert all(v == 1 for v in counts["latentserve_engine_cache_misses_total"].values())
     assert all(v > 0 for v in counts["latentserve_engine_build_seconds_total"].values())
