@@ -40,7 +40,7 @@ GOOD = dict(prompt="a red circle", steps=2)
     ({"seed": -1}, "seed"),
     ({"seed": 2**32}, "seed"),
     ({"output_format": "gif"}, "output_format"),
-    ({"task": "inpaint"}, "task"),  # a real task this model does not support
+    ({"task": "superres"}, "task"),  # a real task this model does not serve
     ({"task": "paint"}, "task"),
     ({"colour": "red"}, "colour"),
 ])
