@@ -17,7 +17,6 @@ import random
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel
 
 from engines.components import text_engine
 from engines.conditioning import encode_ldm
@@ -25,7 +24,7 @@ from engines.schedules import vp_alphas_cumprod
 from training.latents import load_or_build
 from training.loop import denoiser_args, fit, load_ema, parse
 from training.masks import random_masks
-from training.train_ldm import SCHEDULE, build as build_ldm
+from training.train_ldm import SCHEDULE, build as build_ldm, init_from_model
 
 
 def widen_conv_in(unet: UNet2DConditionModel, channels: int = 9) -> UNet2DConditionModel:
@@ -50,10 +49,7 @@ def train(args) -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     tokenizer, net = build_ldm(args)
-    if args.init_model and not (args.out / "checkpoint.pt").exists():
-        net["unet"].load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
-        net["text_encoder"].load_state_dict(CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
-        print(f"initialised from {args.init_model}", flush=True)
+    init_from_model(args, net)
     net["unet"] = widen_conv_in(net["unet"])
     vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True).eval().requires_grad_(False).to(args.device)
     bank = load_or_build(args.out / "bank.pt", args.vae, args.bank, device=args.device, keep_images=True)

@@ -57,14 +57,20 @@ def schedule_config(args) -> dict:
     return {**SCHEDULE, "rescale_betas_zero_snr": True} if args.zero_snr else dict(SCHEDULE)
 
 
-def train(args) -> None:
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    tokenizer, net = build(args)
+def init_from_model(args, net: torch.nn.ModuleDict) -> None:
+    """A fresh run (no checkpoint yet) with --init-model starts from that shipped model's UNet
+    and text encoder."""
     if args.init_model and not (args.out / "checkpoint.pt").exists():
         net["unet"].load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
         net["text_encoder"].load_state_dict(CLIPTextModel.from_pretrained(args.init_model / "text_encoder").state_dict())
         print(f"initialised from {args.init_model}", flush=True)
+
+
+def train(args) -> None:
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    tokenizer, net = build(args)
+    init_from_model(args, net)
     bank = load_or_build(args.out / "bank.pt", args.vae, args.bank, device=args.device)
     latents, captions = bank["latents"].float().to(args.device), bank["captions"]
     alphas_cumprod = vp_alphas_cumprod(schedule_config(args)).to(args.device)

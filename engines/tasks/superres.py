@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -36,13 +38,21 @@ def is_upscaler(model: LoadedModel) -> bool:
 
 def low_res_alphas(model: LoadedModel) -> torch.Tensor:
     """alpha_bar of the model's `low_res_scheduler` (the noise augmentation's DDPM schedule)."""
-    config = json.loads((model.spec.path / "low_res_scheduler" / "scheduler_config.json").read_text())
-    return vp_alphas_cumprod(config)
+    return _low_res_alphas(model.spec.path)
 
 
 def max_noise_level(model: LoadedModel) -> int:
-    index = json.loads((model.spec.path / "model_index.json").read_text())
-    return int(index.get("max_noise_level", 350))
+    return _max_noise_level(model.spec.path)
+
+
+@lru_cache(maxsize=16)  # read once per model directory, not per admitted job
+def _low_res_alphas(path: Path) -> torch.Tensor:
+    return vp_alphas_cumprod(json.loads((path / "low_res_scheduler" / "scheduler_config.json").read_text()))
+
+
+@lru_cache(maxsize=16)
+def _max_noise_level(path: Path) -> int:
+    return int(json.loads((path / "model_index.json").read_text()).get("max_noise_level", 350))
 
 
 @torch.inference_mode()
