@@ -101,7 +101,8 @@ def train(args) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(bank, bank_path)
         print(f"bank: {len(bank['captions'])} scenes", flush=True)
-    latents, low, captions = bank["latents"], bank["low"], bank["captions"]
+    # fp32 once: stacking fp16 crops inside a CPU bf16 autocast region fails (at::autocast::prioritize)
+    latents, low, captions = bank["latents"].float(), bank["low"], bank["captions"]
     text_encoder.to(args.device)
     encode = text_engine(text_encoder, pooled=False)
     alphas = vp_alphas_cumprod(SCHEDULE).to(args.device)
@@ -115,7 +116,7 @@ def train(args) -> None:
             cond = encode_ldm(tokenizer, encode, texts)
         ys = [rng.randrange(0, 64 - crop + 1) for _ in idx]
         xs = [rng.randrange(0, 64 - crop + 1) for _ in idx]
-        x0 = torch.stack([latents[i, :, y:y + crop, x:x + crop] for i, y, x in zip(idx, ys, xs)]).float()
+        x0 = torch.stack([latents[i, :, y:y + crop, x:x + crop] for i, y, x in zip(idx, ys, xs)])
         lr = torch.stack([low[i, :, y:y + crop, x:x + crop] for i, y, x in zip(idx, ys, xs)]).float() / 127.5 - 1
         x0, lr = x0.to(args.device), lr.to(args.device)
         level = torch.randint(0, MAX_NOISE_LEVEL + 1, (args.batch,), device=x0.device)
