@@ -59,8 +59,10 @@ def build_unet(args) -> UNet2DConditionModel:
     w = args.width
     return UNet2DConditionModel(
         sample_size=64, in_channels=7, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        # as SD's x4 upscaler: no attention at full latent resolution (1024 tokens per 32x32 crop
+        # would cost more than the rest of the net), attention at the two coarser levels
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=(w, 2 * w, 2 * w), layers_per_block=1, cross_attention_dim=args.text_width,
         attention_head_dim=max(1, w // 8), norm_num_groups=max(1, min(32, w // 4)), num_class_embeds=1000,
     )
