@@ -30,12 +30,14 @@ serve: venv redis
 	$(PY) -m service.serve
 
 # What the suite runs for real: redis-server (the queue), docker-compose and promtool (the
-# validators of the deploy files).
+# validators of the deploy files), prometheus (scraping a live service) and chromium (the
+# playground's browser test; Playwright's own browser download cannot work here).
 system-test-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
