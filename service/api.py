@@ -8,32 +8,31 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
-import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from engines.registry import KNOWN_TASKS, load_registry
 from engines.sampler_catalog import CATALOG
-from service import image_inputs, request_body
-from service.admission import admit
+from service import request_body
 from service.config import Settings, load_settings
 from service.metrics import ApiExporter
-from service.queue import TERMINAL, ApiQueue, Job, QueueFull, StoredImage
+from service.queue import TERMINAL, ApiQueue, Job, StoredImage
 from service.schemas import ErrorOut, JobOut
+from service.submission import RETRY_AFTER_S, Submitter, new_id, wait_for_end
 from service.uploads import UploadLimits
-from service.validation import ApiError, model_for, resolve
+from service.validation import ApiError
 
 log = logging.getLogger("latentserve.api")
-RETRY_AFTER_S = 5
 SSE_KEEPALIVE_S = 15.0
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
+STATIC = Path(__file__).resolve().parent / "static"  # the playground: plain files, no build step
 
 
 def error_response(status: int, code: str, message: str, field: str | None = None,
@@ -77,6 +76,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics_registry = CollectorRegistry()
     metrics = ApiExporter(metrics_registry)
     uploads = UploadLimits(settings.upload_max_bytes, settings.upload_max_pixels)
+    submitter = Submitter(registry, settings, uploads)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -143,45 +143,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         model_label = body.model or registry.default
         request.state.generate_labels = (model_label if model_label in registry.models else "unknown",
                                          body.task if body.task in KNOWN_TASKS else "unknown")
-        model_for(body, registry)  # an unknown model or task before anything uploaded is read
-        pixels = await run_in_threadpool(image_inputs.decode_all, image_inputs.gather(body, files), uploads)
-        resolved = resolve(body, registry, image_inputs.image_size(pixels, body.task))
-        inputs = await run_in_threadpool(image_inputs.complete, body, resolved, pixels)
-        job = Job(id=uuid.uuid4().hex, model=resolved.spec.id, task=body.task,
-                  request=resolved.request, created_at=time.time(), warnings=resolved.warnings)
         q = queue(request)
-        await admit(q, resolved.spec, resolved.request, settings.heartbeat_ttl_s)
-        try:
-            if not wait:
-                await q.enqueue(job, resolved.spec.limits.max_queue, inputs)
-                return accepted(job)
-            async with q.subscribe(job.id) as events:  # subscribed before the job exists
-                await q.enqueue(job, resolved.spec.limits.max_queue, inputs)
-                finished = await wait_for_end(q, events, job.id, settings.wait_timeout_s)
-        except QueueFull:
-            raise ApiError(429, "queue_full", f"model {job.model} has {resolved.spec.limits.max_queue} "
-                           "unfinished jobs; retry later", headers={"Retry-After": str(RETRY_AFTER_S)})
+        if not wait:
+            return accepted(await submitter.submit(q, body, files))
+        job_id = new_id()
+        async with q.subscribe(job_id) as events:  # subscribed before the job exists
+            job = await submitter.submit(q, body, files, job_id)
+            finished = await wait_for_end(q, events, job_id, settings.wait_timeout_s)
         if finished is None:
             return accepted(job)
-        return JSONResponse(job_body(finished, await q.images(job.id)), status_code=200)
+        return JSONResponse(job_body(finished, await q.images(job_id)), status_code=200)
 
     def accepted(job: Job) -> JSONResponse:
         body = {"id": job.id, "status": "queued", "warnings": job.warnings}
         return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
-
-    async def wait_for_end(q: ApiQueue, events, job_id: str, timeout: float) -> Job | None:
-        deadline = time.monotonic() + timeout
-        while True:
-            job = await q.get(job_id)
-            if job is None or job.status in TERMINAL:
-                return job
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            # Re-read the record at least every few seconds: an event lost while the shared
-            # subscription reconnected only delays the answer.
-            while (event := await events.next_event(min(left, 5.0))) is not None and event["type"] != "done":
-                left = deadline - time.monotonic()
 
     async def get_job_or_404(q: ApiQueue, job_id: str) -> Job:
         job = await q.get(job_id)
@@ -272,6 +247,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "active_engines": active,
             })
         return {"default": registry.default, "models": out}
+
+    # ------------------------------------------------------------------ the playground
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return FileResponse(STATIC / "index.html")
 
     @app.get("/healthz")
     async def healthz():
