@@ -24,6 +24,8 @@ pure decisions (no Redis, no model), as vLLM v1's scheduler: the worker loop is
 
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -201,14 +203,16 @@ class Scheduler:
         quantum = max(self.cost(g) for g in self.ring)
         if self.current in active and self.deficit[self.current] >= self.cost(self.current):
             return self.current
+        # Rounds until a group affords its step: a step's measured cost can exceed its group's
+        # estimate many times over (an upscaler's tiled rows run one network row per window),
+        # leaving a deficit that takes several quanta to pay back.
         start = self.ring.index(self.current) + 1 if self.current in self.ring else 0
-        for k in range(len(self.ring)):
+        for k in itertools.count():
             g = self.ring[(start + k) % len(self.ring)]
             self.deficit[g] += quantum
             if self.deficit[g] >= self.cost(g):
                 self.current = g
                 return g
-        raise AssertionError("a quantum of the largest cost always affords a step")
 
     def stepped(self, group: Hashable, cost: float) -> None:
         """Charge a step's measured cost (network rows computed) to its group."""

@@ -88,6 +88,24 @@ def test_groups_share_the_engine_in_proportion_to_their_work_and_none_starves():
     assert ran[("m", "big")] >= 19  # never starved
 
 
+def test_steps_costing_many_times_their_estimate_are_charged_and_still_scheduled():
+    """An upscaler's tiled rows run one network row per window: a step's measured cost can
+    be 9x its group's estimate. The scheduler keeps picking (it raised here before) and
+    charges the real cost: the cheap group gets the engine 9x as often."""
+    s = Scheduler({"m": 8})
+    s.add(entry(1, group="tiled", images=1))
+    assert s.schedule(0).run == ("m", "tiled")
+    s.stepped(("m", "tiled"), 9)
+    assert s.schedule(0).run == ("m", "tiled")  # alone: it runs again, whatever it owes
+    s.add(entry(2, group="plain", images=1))
+    ran = []
+    for _ in range(100):
+        group = s.schedule(0).run
+        ran.append(group)
+        s.stepped(group, 9 if group == ("m", "tiled") else 1)
+    assert ran.count(("m", "plain")) == pytest.approx(9 * ran.count(("m", "tiled")), abs=9)
+
+
 def test_equal_groups_alternate():
     s = Scheduler({"m": 8})
     s.add(entry(1, group="x", images=2))

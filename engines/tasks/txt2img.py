@@ -14,6 +14,7 @@ from engines.model import LoadedModel
 from engines.noise import StackedGenerator
 from engines.sampling import Row, sample, start, step_rows
 from engines.schedules import Schedule, make_schedule
+from engines.tiling import Tiling, tiled
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,13 @@ def conditions_of(model: LoadedModel, images: list[ImageRequest]) -> list[dict]:
 
 
 def evaluator_of(model: LoadedModel, counter: list[int] | None = None):
-    """evaluate(rows) -> (x0, rows): the model's denoiser (and guide) under each row's guidance."""
-    return evaluator(model.denoiser, None if model.guide is None else model.guide.denoiser, counter)
+    """evaluate(rows) -> (x0, rows): the model's denoiser (and guide) under each row's guidance,
+    window by window for images larger than the model's tile (engines.tiling)."""
+    evaluate = evaluator(model.denoiser, None if model.guide is None else model.guide.denoiser, counter)
+    if model.spec.tile:
+        cells = model.spec.tile // model.vae_scale_factor
+        evaluate = tiled(evaluate, Tiling(cells, cells // 4))
+    return evaluate
 
 
 @torch.inference_mode()
