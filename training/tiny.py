@@ -3,7 +3,7 @@
 They exercise every code path of the service (tokenizer, text encoder(s), denoiser, VAE,
 schedulers) in milliseconds. Their weights are random: they draw noise, not pictures.
 
-    python -m training.tiny models/      # writes models/tiny-ldm and models/tiny-mmdit
+    python -m training.tiny models/      # writes models/tiny-ldm, tiny-mmdit and tiny-x4
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    DDPMScheduler,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionUpscalePipeline,
     UNet2DConditionModel,
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -128,15 +130,42 @@ def tiny_mmdit(seed: int = 0) -> StableDiffusion3Pipeline:
     )
 
 
-BUILDERS = {"tiny-ldm": tiny_ldm, "tiny-mmdit": tiny_mmdit}
+def tiny_x4(seed: int = 0) -> StableDiffusionUpscalePipeline:
+    """The SD x4 upscaler's design in miniature: the low-res image's 3 channels beside the
+    latents, its noise level as a class label, the pipeline's VAE scaling of 0.08333."""
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(TEXT_LENGTH)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=7, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(16, 32), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+        norm_num_groups=8, num_class_embeds=1000,
+    )
+    vae = tiny_vae()
+    vae.register_to_config(scaling_factor=0.08333)
+    return StableDiffusionUpscalePipeline(
+        vae=vae, text_encoder=CLIPTextModel(tiny_clip_config(tokenizer)), tokenizer=tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02),
+        scheduler=DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                steps_offset=1, prediction_type="v_prediction"),
+        max_noise_level=350,
+    )
+
+
+BUILDERS = {"tiny-ldm": tiny_ldm, "tiny-mmdit": tiny_mmdit, "tiny-x4": tiny_x4}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="directory to write the model folders into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=sorted(BUILDERS), help="write this one model")
     args = parser.parse_args()
     for name, build in BUILDERS.items():
+        if args.only and name != args.only:
+            continue
         build(args.seed).save_pretrained(args.out / name, safe_serialization=True)
         print(f"wrote {args.out / name}")
 
