@@ -19,7 +19,9 @@ Format (paths are relative to the manifest's directory unless absolute):
                      "max_wait_s": 0},
           "engine": "torch", "precision": "fp32", "max_batch": 8,
           "options": {"t5_sequence_length": 256},  # and APG's apg_momentum, apg_norm_threshold, apg_eta
-          "guide": "tiny-mmdit-guide"              # optional: the guide model for autoguidance
+          "guide": "tiny-mmdit-guide",             # optional: the guide model for autoguidance
+          "tile": 256,                             # optional: larger images denoised in windows of 256
+          "upscaler": "shapes-x4"                  # optional: the x4 model `upscale: true` chains after txt2img
         }
       ]
     }
@@ -88,6 +90,11 @@ class ModelSpec:
     max_batch: int = 8  # images per engine call
     options: dict = field(default_factory=dict)
     guide: str | None = None  # registry id of the guide model for autoguidance (same family)
+    # Images larger than this (output pixels per side) are denoised in overlapping windows of
+    # this size (engines.tiling); 0: never. Upscalers trained at one size serve larger inputs so.
+    tile: int = 0
+    # Registry id of the x4 upscaler that `upscale: true` chains after this model's txt2img.
+    upscaler: str | None = None
 
     def tokenizer_dirs(self) -> list[Path]:
         names = ["tokenizer"] if self.family == "ldm" else ["tokenizer", "tokenizer_2"]
@@ -160,6 +167,8 @@ def _spec(entry: dict, root: Path) -> ModelSpec:
         max_batch=int(entry.get("max_batch", 8)),
         options=dict(entry.get("options", {})),
         guide=entry.get("guide"),
+        tile=int(entry.get("tile", 0)),
+        upscaler=entry.get("upscaler"),
     )
 
 
@@ -178,6 +187,8 @@ def load_registry(manifest: str | Path) -> Registry:
     for spec in models.values():
         if spec.guide is not None and (spec.guide not in models or models[spec.guide].family != spec.family):
             raise RegistryError(f"{spec.id}: guide {spec.guide!r} must be a registry model of family {spec.family}")
+        if spec.upscaler is not None and (spec.upscaler not in models or "superres" not in models[spec.upscaler].tasks):
+            raise RegistryError(f"{spec.id}: upscaler {spec.upscaler!r} must be a registry model serving superres")
         if spec.defaults.guidance == "autoguidance" and spec.guide is None:
             raise RegistryError(f"{spec.id}: default guidance autoguidance needs a guide model")
     default = data.get("default")
