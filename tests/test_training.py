@@ -186,3 +186,30 @@ def test_ladd_trainer_smoke_distils_a_turbo_model_that_serves_with_the_turbo_sch
     image = ImageRequest("a red circle", "", 1, 1.0, "flow_euler", 4, "turbo", guidance="none")
     out = txt2img(model, Txt2ImgBatch(64, 96, "flow_euler", 4, [image]))
     assert out.shape == (1, 96, 64, 3)
+
+
+def test_video_trainer_smoke_trains_motion_only_and_exports_an_animatediff_model(tmp_path):
+    tiny = ROOT / "models" / "tiny-ldm"
+    common = ["-m", "training.train_video", "--image-model", str(tiny), "--out", str(tmp_path / "run"),
+              "--frames", "4", "--bank", "6", "--batch", "2"]
+    run(*common, "--steps", "2")
+    assert "from step 2" in run(*common, "--steps", "3")  # resumes
+    run(*common, "--export", str(tmp_path / "model"))
+    training = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert training["step"] == 3 and training["frames"] == 4 and not training["joint"]
+    later = [a if a != str(tmp_path / "run") else str(tmp_path / "run2") for a in common]
+    assert "initialised from" in run(*later, "--steps", "1", "--joint", "--init-model", str(tmp_path / "model"))
+
+    from diffusers import AnimateDiffPipeline, UNet2DConditionModel
+
+    # Motion modules only: the spatial UNet is the image model's, bit for bit; the image
+    # vocabulary keeps its ids and the motion words are new ones.
+    image_unet, video_unet = (UNet2DConditionModel.from_pretrained(d / "unet") for d in (tiny, tmp_path / "model"))
+    assert all(torch.equal(a, b) for a, b in zip(image_unet.state_dict().values(), video_unet.state_dict().values()))
+    pipe = AnimateDiffPipeline.from_pretrained(tmp_path / "model")
+    ids = pipe.tokenizer("a red circle moving up").input_ids
+    image_vocab = json.loads((tiny / "text_encoder" / "config.json").read_text())["vocab_size"]
+    assert pipe.tokenizer.unk_token_id not in ids and max(ids) >= image_vocab
+    out = pipe("a red circle moving up", num_frames=4, num_inference_steps=2, height=64, width=64,
+               output_type="np").frames[0]
+    assert out.shape == (4, 64, 64, 3) and np.isfinite(out).all()

@@ -25,7 +25,10 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
     """
     net.to(args.device)
     ema = copy.deepcopy(net).requires_grad_(False)
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.01)
+    # A net may name its own parameter groups (`param_groups()`, each with an `lr_scale`): the
+    # video trainer fine-tunes frozen-by-default layers slower than the ones it adds.
+    groups = net.param_groups() if hasattr(net, "param_groups") else net.parameters()
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
     ckpt = args.out / "checkpoint.pt"
     modules = {"net": net, "ema": ema}
     step, extra = checkpoint.load(ckpt, modules, opt)
@@ -43,7 +46,7 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
     while step < args.steps and time.time() - started < args.minutes * 60 and not stop.is_set():
         lr = args.lr * min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         with autocast(args):
             loss = loss_on_batch(rng)
         opt.zero_grad(set_to_none=True)
