@@ -70,8 +70,8 @@ def test_each_window_sees_its_own_crop():
     tiling = Tiling(32, 16)
     x0, _ = tiled(evaluator(local), tiling)(rows)
     edge = torch.zeros(64, dtype=torch.bool)
-    for start in tiling.starts(64):
-        for cell in (start, start + 31):  # a window's first and last cell
+    for first in tiling.starts(64):
+        for cell in (first, first + 31):  # a window's first and last cell
             if 0 < cell < 63:
                 edge[cell] = True
     assert edge.nonzero().flatten().tolist() == [16, 31, 32, 47]
