@@ -133,5 +133,6 @@ def resolve(req: GenerateRequest, registry: Registry, image_size: tuple[int, int
         "output_format": req.output_format,
         "priority": req.priority,
         "timeout_s": req.timeout_s,
+        "preview": req.preview,
     }
     return Resolved(spec, request, warnings)

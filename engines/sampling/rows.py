@@ -60,6 +60,9 @@ class Row:
     guidance: "Guidance | None" = None
     apg: torch.Tensor | None = None  # APG's running average of the guidance update
     known: Known | None = None  # training-free inpainting: the region kept from the input
+    # The denoiser's x0 estimate of the call that produced this row (None before the first):
+    # what live previews show. Kept, never read by a step, so it cannot change the numerics.
+    denoised: torch.Tensor | None = None
 
     @property
     def steps(self) -> int:
@@ -126,8 +129,8 @@ class Group:
         shape = self.x.shape[1:]
         return torch.stack([torch.randn(shape, generator=r.generator, dtype=torch.float32) for r in self.rows]).to(self.x)
 
-    def advance(self, x: torch.Tensor, memory: Sequence[Any] | None = None) -> list[Row]:
-        """Every row one step on, at `x` (which sits at its target)."""
+    def advance(self, x: torch.Tensor, x0: torch.Tensor, memory: Sequence[Any] | None = None) -> list[Row]:
+        """Every row one step on, at `x` (which sits at its target); `x0`: this call's estimates."""
         out = []
         for i, r in enumerate(self.rows):
             xi = x[i]
@@ -135,5 +138,5 @@ class Group:
             if target != nxt:  # DDIM: the next step reads the same VP sample at its own sigma
                 xi = xi * ((nxt**2 + 1) / (target**2 + 1)) ** 0.5
             out.append(replace(r, x=xi, sigma=nxt, t=r.t_at(r.step + 1), step=r.step + 1, calls=r.calls + 1,
-                               memory=None if memory is None else memory[i]))
+                               memory=None if memory is None else memory[i], denoised=x0[i]))
         return out

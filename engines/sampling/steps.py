@@ -23,7 +23,7 @@ def euler(g: Group, x0: torch.Tensor) -> list[Row]:
     Over DDIM's sigmas this is deterministic DDIM (Song et al. 2021); over rectified-flow
     sigmas it is SD3's flow-matching Euler, since (x - x0) / sigma is then the velocity."""
     d = (g.x - x0) / g.d(g.sigma)
-    return g.advance(g.x + d * g.d(g.target - g.sigma))
+    return g.advance(g.x + d * g.d(g.target - g.sigma), x0)
 
 
 def ddim(g: Group, x0: torch.Tensor) -> list[Row]:
@@ -38,7 +38,7 @@ def ddim(g: Group, x0: torch.Tensor) -> list[Row]:
     noise = torch.stack([torch.randn(g.x.shape[1:], generator=r.generator) if r.eta > 0 else torch.zeros(g.x.shape[1:])
                          for r in g.rows]).to(g.x)
     x = x0 + g.d(((1 - a_prev - std**2).clamp(min=0) / a_prev).sqrt()) * eps + g.d(std / a_prev.sqrt()) * noise
-    return g.advance(x)
+    return g.advance(x, x0)
 
 
 def euler_ancestral(g: Group, x0: torch.Tensor) -> list[Row]:
@@ -48,7 +48,7 @@ def euler_ancestral(g: Group, x0: torch.Tensor) -> list[Row]:
     s_up = (s_to**2 * (s**2 - s_to**2) / s**2).sqrt()
     s_down = (s_to**2 - s_up**2).sqrt()
     d = (g.x - x0) / g.d(s)
-    return g.advance(g.x + d * g.d(s_down - s) + g.noise() * g.d(s_up))
+    return g.advance(g.x + d * g.d(s_down - s) + g.noise() * g.d(s_up), x0)
 
 
 @dataclass(frozen=True)
@@ -69,15 +69,15 @@ def heun(g: Group, x0: torch.Tensor) -> list[Row]:
             dt = g.target[i] - g.sigma[i]
             x = g.x[i] + d[i] * dt
             if float(g.target[i]) == 0:
-                out.append(replace(r, x=x, sigma=0.0, t=None, step=r.step + 1, calls=r.calls + 1))
+                out.append(replace(r, x=x, sigma=0.0, t=None, step=r.step + 1, calls=r.calls + 1, denoised=x0[i]))
             else:  # predictor: evaluate again at the target before the step counts
                 out.append(replace(r, x=x, sigma=float(g.target[i]), t=r.t_at(r.step + 1), calls=r.calls + 1,
-                                   memory=HeunMemory(g.x[i], d[i], dt)))
+                                   memory=HeunMemory(g.x[i], d[i], dt), denoised=x0[i]))
         else:
             m = r.memory
             x = m.x_start + (m.d + d[i]) / 2 * m.dt
             out.append(replace(r, x=x, sigma=float(g.sigma_next[i]), t=r.t_at(r.step + 1), step=r.step + 1,
-                               calls=r.calls + 1, memory=None))
+                               calls=r.calls + 1, memory=None, denoised=x0[i]))
     return out
 
 
@@ -111,7 +111,7 @@ def _dpmpp_2m(g: Group, x0: torch.Tensor, sde: bool) -> list[Row]:
     else:
         x_t = g.d(sig_t / sig_s) * x_vp - g.d(alpha_t * ((-h).exp() - 1)) * (x0 + 0.5 * d1)
     memory = [DpmMemory(x0[i], r.sigma) for i, r in enumerate(g.rows)]
-    return g.advance(x_t / g.d(alpha_t), memory)
+    return g.advance(x_t / g.d(alpha_t), x0, memory)
 
 
 def dpmpp_2m(g: Group, x0: torch.Tensor) -> list[Row]:
@@ -125,7 +125,7 @@ def dpmpp_2m_sde(g: Group, x0: torch.Tensor) -> list[Row]:
 def flow_lcm(g: Group, x0: torch.Tensor) -> list[Row]:
     """Consistency multistep for flow models (FlowMatchLCMScheduler): jump to the denoised
     estimate, then re-noise it to the target with fresh noise from the row's generator."""
-    return g.advance(g.d(1 - g.target) * x0 + g.d(g.target) * g.noise())
+    return g.advance(g.d(1 - g.target) * x0 + g.d(g.target) * g.noise(), x0)
 
 
 @dataclass(frozen=True)
@@ -195,5 +195,6 @@ def unipc(g: Group, x0: torch.Tensor) -> list[Row]:
         older = [(x0s[0], sigmas[0])] if order == 2 else []
         x_next = _unipc_update(x, x0s[-1], s, older, target, [0.5] if order == 2 else [])
         out.append(replace(r, x=x_next / _vp(target)[0], sigma=float(g.sigma_next[i]), t=r.t_at(r.step + 1),
-                           step=r.step + 1, calls=r.calls + 1, memory=UniPCMemory(x, x0s, sigmas, order)))
+                           step=r.step + 1, calls=r.calls + 1, memory=UniPCMemory(x, x0s, sigmas, order),
+                           denoised=x0[i]))
     return out

@@ -75,6 +75,25 @@ class ApiQueue:
         job = await self.get(job_id)
         return Keys.stream(job.model, job.request.get("priority") == "high") if job else Keys.stream("_")
 
+    async def queue_position(self, job: Job) -> int | None:
+        """How many jobs workers will take before this one (0: it is next), or None unless
+        it is queued. Ahead of it: the queued jobs of its own lane that entered it earlier
+        (released and requeued entries keep their place), and, for a job not of high
+        priority, every queued job of the high-priority lane, which workers read first. A
+        job a worker has claimed but not started counts as queued: it has not run yet."""
+        if job.status != "queued" or not job.stream_id:
+            return None
+        urgent = job.request.get("priority") == "high"
+        pipe = self.r.pipeline(transaction=False)
+        pipe.xrange(Keys.stream(job.model, urgent), "-", f"({job.stream_id}")  # exclusive: Redis >= 6.2
+        if not urgent:
+            pipe.xrange(Keys.stream(job.model, urgent=True), "-", "+")
+        ahead = [fields.get(b"job", fields.get("job")) for entries in await pipe.execute() for _, fields in entries]
+        pipe = self.r.pipeline(transaction=False)
+        for other in ahead:
+            pipe.hget(Keys.job(other.decode() if isinstance(other, bytes) else other), "status")
+        return sum(status in (b"queued", "queued") for status in await pipe.execute())
+
     async def depth(self, model: str) -> int:
         return await self.r.xlen(Keys.stream(model)) + await self.r.xlen(Keys.stream(model, urgent=True))
 
