@@ -112,6 +112,14 @@ def summarize(cases: list[Case], verdicts: list[dict]) -> dict:
 # ---------------------------------------------------------------- generation
 
 
+def report(result: dict, out: Path | None) -> None:
+    """Print an evaluation's JSON result, and write it to `out` if given."""
+    print(json.dumps(result, indent=2))
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def load_model(model_id: str, registry: Path):
     from engines import loader
     from engines.registry import load_registry
@@ -258,10 +266,7 @@ def main() -> None:
                        args.guidance_mode or d.guidance,
                        tuple(args.interval_fraction) if args.interval_fraction else None)
         result = evaluate(model, spec.id, how, args.n, (width, height))
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the kept half stays to the input (PSNR; after compositing it is exact by constru
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from dataclasses import dataclass, replace
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.evaluate import ROOT, load_model
+from training.evaluate import ROOT, load_model, report
 from training.scorer import score_image
 from training.shapes import COLORS, HELD_OUT, SHAPES, SIZES, Obj, Scene, describe, random_background, render
 
@@ -137,10 +136,7 @@ def main() -> None:
     model = load_model(args.model, args.registry)
     result = {"model": args.model, "task": args.task, "n": args.n, **evaluate(model, args.task, args.n),
               "seconds": round(time.time() - started, 1)}
-    print(json.dumps(result, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":
