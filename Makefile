@@ -27,17 +27,19 @@ redis:
 	fi
 
 serve: venv redis
-	$(PY) -m service.serve
+	$(VENV)/bin/latentserve serve
 
 # What the suite runs for real: redis-server (the queue), docker-compose and promtool (the
 # validators of the deploy files), prometheus (scraping a live service) and chromium (the
-# playground's browser test; Playwright's own browser download cannot work here).
+# playground's browser test; Playwright's own browser download cannot work here), curl (the
+# playground's copied curl commands are run as they are).
 system-test-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \

@@ -193,8 +193,8 @@ def model_entries(args) -> list[dict]:
     wanted = set(args.models or [])
     entries = []
     for spec in registry.models.values():
-        if wanted and spec.id not in wanted:
-            continue
+        if (wanted and spec.id not in wanted) or "txt2video" in spec.tasks:
+            continue  # video models: their motion UNet is neither an image denoiser nor exportable
         if not wanted and (spec.id.endswith("-guide") or (args.quick and spec.id != registry.default)):
             continue  # --quick: the default model stands for the shipped ones
         d = spec.defaults

@@ -23,6 +23,8 @@ Format (paths are relative to the manifest's directory unless absolute):
           "tile": 256,                             # optional: larger images denoised in windows of 256
           "upscaler": "shapes-x4"                  # optional: the x4 model `upscale: true` chains after txt2img
         }
+        # A txt2video model (an AnimateDiff directory: training.train_video's export) also has
+        # "defaults": {..., "num_frames": 16} and "limits": {..., "max_frames": 32}.
       ]
     }
 
@@ -38,7 +40,7 @@ from pathlib import Path
 from engines.sampler_catalog import CATALOG, family_samplers
 
 FAMILIES = {"ldm", "mmdit"}
-KNOWN_TASKS = ("txt2img", "img2img", "inpaint", "superres", "video")
+KNOWN_TASKS = ("txt2img", "img2img", "inpaint", "superres", "txt2video")
 ENGINES = ("torch", "onnxruntime", "tensorrt")  # engines.backends; "auto" picks among them
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -56,6 +58,7 @@ class Defaults:
     height: int
     schedule: str = "default"
     guidance: str = "cfg"  # cfg | autoguidance | apg | none
+    num_frames: int = 0  # txt2video models: frames per video (0: an image model)
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class Limits:
     sizes: tuple[tuple[int, int], ...] = ()
     # The guidance modes a model takes: a distilled few-step model takes only "none".
     guidance_modes: tuple[str, ...] = ("cfg", "autoguidance", "apg", "none")
+    # txt2video models: the most frames a video may have (at most the motion adapter's
+    # temporal position embeddings, motion_max_seq_length); 0 for image models.
+    max_frames: int = 0
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ class ModelSpec:
     description: str = ""
     engine: str = "torch"
     precision: str = "fp32"
-    max_batch: int = 8  # images per engine call
+    max_batch: int = 8  # images per engine call (each frame of a video counts as one)
     options: dict = field(default_factory=dict)
     guide: str | None = None  # registry id of the guide model for autoguidance (same family)
     # Images larger than this (output pixels per side) are denoised in overlapping windows of
@@ -151,6 +157,8 @@ def _spec(entry: dict, root: Path) -> ModelSpec:
     engine, precision = entry.get("engine", "torch"), entry.get("precision", "fp32")
     if engine not in (*ENGINES, "auto"):
         raise RegistryError(f"{model_id}: engine must be one of {[*ENGINES, 'auto']}, got {engine!r}")
+    if "txt2video" in tasks:
+        _check_video(model_id, path, family, tasks, engine, defaults, limits)
     if precision not in PRECISIONS:
         raise RegistryError(f"{model_id}: precision must be one of {list(PRECISIONS)}, got {precision!r}")
     return ModelSpec(
@@ -170,6 +178,27 @@ def _spec(entry: dict, root: Path) -> ModelSpec:
         tile=int(entry.get("tile", 0)),
         upscaler=entry.get("upscaler"),
     )
+
+
+def _check_video(model_id: str, path: Path, family: str, tasks: tuple[str, ...], engine: str,
+                 defaults: Defaults, limits: Limits) -> None:
+    """A txt2video model is an AnimateDiff directory (training.train_video's export): its
+    denoiser takes [B, C, F, h, w] samples, so it serves no image task; it runs on torch
+    (the motion UNet's ONNX export with a dynamic frame count is wrong in onnxscript 0.7.2)."""
+    if family != "ldm" or tasks != ("txt2video",):
+        raise RegistryError(f"{model_id}: a txt2video model is family ldm and serves only txt2video")
+    if engine != "torch":
+        raise RegistryError(f"{model_id}: txt2video models run on the torch engine, got {engine!r}")
+    config = path / "motion_adapter" / "config.json"
+    if not config.is_file():
+        raise RegistryError(f"{model_id}: txt2video needs a motion_adapter/ beside the image model (AnimateDiff)")
+    positions = int(json.loads(config.read_text()).get("motion_max_seq_length", 32))
+    if not 1 <= limits.max_frames <= positions:
+        raise RegistryError(f"{model_id}: limits.max_frames must be in 1..{positions} (the adapter's "
+                            f"motion_max_seq_length), got {limits.max_frames}")
+    if not 1 <= defaults.num_frames <= limits.max_frames:
+        raise RegistryError(f"{model_id}: defaults.num_frames must be in 1..{limits.max_frames}, "
+                            f"got {defaults.num_frames}")
 
 
 def load_registry(manifest: str | Path) -> Registry:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engines.sampling import Row
+from service import chain
 from service.queue import Claimed, Job
 from service.scheduler import PRIORITIES, Entry
 
@@ -29,14 +30,18 @@ class Active:
         return self.rows is not None and all(r.done for r in self.rows)
 
     def progress(self) -> tuple[int, int]:
-        """(steps done, total) as progress events count them: the job's slowest row."""
-        return min(r.step for r in self.rows), max(r.steps for r in self.rows)
+        """(steps done, total) as progress events count them: the job's slowest row (over
+        both stages of a chained job, service.chain)."""
+        return chain.progress(self.job, min(r.step for r in self.rows), max(r.steps for r in self.rows))
 
     def entry(self, policy: str) -> Entry:
         p = self.params
         group = (self.job.model, p.request_key() if policy == "request" else p.shape_key())
         deadline = None if p.timeout_s is None else self.job.created_at + p.timeout_s
-        return Entry(self.job.id, self.job.model, group, p.num_images, p.rows_per_step,
+        # Budgets and turns count images: a video row of F frames weighs F (its network call
+        # runs all F frames through every layer), so max_batch bounds frames per call.
+        per_row = p.images_per_row
+        return Entry(self.job.id, self.job.model, group, p.num_images * per_row, p.rows_per_step * per_row,
                      PRIORITIES[p.priority], self.job.created_at, deadline, offered=self.claimed.reclaimed)
 
 

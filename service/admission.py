@@ -18,7 +18,8 @@ from service.validation import ApiError
 def job_work(spec: ModelSpec, request: dict) -> tuple[float, int]:
     """(units per denoiser call, calls) of a validated request, in service.cost's units."""
     d = spec.defaults
-    area = request["width"] * request["height"] / (d.width * d.height)
+    # A video's frames each weigh an image (service.active: Entry counts them so).
+    area = request["width"] * request["height"] / (d.width * d.height) * request.get("num_frames", 1)
     rows = network_rows(request.get("num_images", 1), request.get("guidance", "cfg"), request["guidance_scale"])
     steps = int(request["steps"] * request.get("strength", 1.0))  # img2img runs the schedule's tail
     return rows * area, CATALOG[request["sampler"]].calls(max(1, steps))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from engines.registry import KNOWN_TASKS, load_registry
 from engines.sampler_catalog import CATALOG
-from service import request_body
+from service import chain, request_body
 from service.config import Settings, load_settings
 from service.metrics import ApiExporter
+from service.openai_api import openai_router
+from service.openai_shapes import model_object
 from service.queue import TERMINAL, ApiQueue, Job, StoredImage
 from service.schemas import ErrorOut, JobOut
 from service.submission import RETRY_AFTER_S, Submitter, new_id, wait_for_end
@@ -31,6 +34,7 @@ from service.validation import ApiError
 
 log = logging.getLogger("latentserve.api")
 SSE_KEEPALIVE_S = 15.0
+QUEUE_POLL_S = 1.0  # how often an event stream re-reads its queued job's position
 HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"}
 STATIC = Path(__file__).resolve().parent / "static"  # the playground: plain files, no build step
 
@@ -41,7 +45,7 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def job_body(job: Job, images: list[StoredImage] | None = None) -> dict:
+def job_body(job: Job, images: list[StoredImage] | None = None, queue_position: int | None = None) -> dict:
     body = {
         "id": job.id,
         "status": job.status,
@@ -56,17 +60,19 @@ def job_body(job: Job, images: list[StoredImage] | None = None) -> dict:
         "created_at": job.created_at,
     }
     if job.status == "succeeded":
-        body["images"] = [
-            {"data": base64.b64encode(i.data).decode(), "mime": i.mime, "seed": i.seed,
-             "width": i.width, "height": i.height}
-            for i in images or []
+        body["images"] = [  # a video's entry is its whole file, with its frames and fps
+            {"data": base64.b64encode(i.data).decode(), **i.meta()} for i in images or []
         ]
+    if (stage := chain.stage_of(job)) is not None:
+        body["stage"] = stage
     if job.timings:
         body["timings"] = job.timings
     if job.batch_size:
         body["batch"] = {"size": job.batch_size}
     if job.denoiser_calls:
         body["denoiser_calls"] = job.denoiser_calls
+    if queue_position is not None:
+        body["queue_position"] = queue_position
     return body
 
 
@@ -120,7 +126,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def count_requests(request: Request, call_next):
         response = await call_next(request)
         route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
+        # FastAPI marks no route for a mount: the playground's files count under its prefix.
+        static = request.url.path.startswith("/static/")
+        path = getattr(route, "path", "/static" if static else "unmatched")
         # Labels only ever take values from closed sets: a client's free text (a made-up
         # model name, an invented HTTP method) must not mint new series.
         method = request.method if request.method in HTTP_METHODS else "other"
@@ -169,11 +177,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         q = queue(request)
         job = await get_job_or_404(q, job_id)
         images = await q.images(job_id) if job.status == "succeeded" else None
-        return JSONResponse(job_body(job, images))
+        return JSONResponse(job_body(job, images, await q.queue_position(job)))
 
     @app.get("/v1/jobs/{job_id}/events", responses=responses)
     async def job_events(job_id: str, request: Request):
-        """Server-Sent Events: `status` and `progress` while it runs, then `done` with the job."""
+        """Server-Sent Events: `status` (with `queue_position` while queued), `queue`
+        ({position}) whenever a queued job moves up, `progress` while it runs, then `done`."""
         q = queue(request)
         await get_job_or_404(q, job_id)
 
@@ -181,19 +190,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with q.subscribe(job_id) as events:  # subscribed before reading: no gap
                 job = await q.get(job_id)
                 if job is not None and job.status not in TERMINAL:
-                    yield sse("status", {"status": job.status, "step": job.progress_step,
-                                         "total": job.progress_total})
-                    while True:
-                        event = await events.next_event(SSE_KEEPALIVE_S)
+                    status, position = job.status, await q.queue_position(job)
+                    first = {"status": job.status, "step": job.progress_step, "total": job.progress_total}
+                    yield sse("status", first if position is None else {**first, "queue_position": position})
+                    written = time.monotonic()
+                    while True:  # a queued job's position is polled: nothing publishes its moves
+                        event = await events.next_event(QUEUE_POLL_S if status == "queued" else SSE_KEEPALIVE_S)
                         if event is None:
-                            yield ": keepalive\n\n"
                             job = await q.get(job_id)
                             if job is None or job.status in TERMINAL:
                                 break
+                            status, moved = job.status, await q.queue_position(job)
+                            if moved is not None and moved != position:
+                                position = moved
+                                yield sse("queue", {"position": position})
+                            elif time.monotonic() - written >= SSE_KEEPALIVE_S:
+                                yield ": keepalive\n\n"
+                            else:
+                                continue
                         elif event["type"] == "done":
                             break
                         else:
+                            status = event["status"] if event["type"] == "status" else status
+                            position = None if status != "queued" else position
                             yield sse(event.pop("type"), event)
+                            if status in TERMINAL:  # cancelled while queued: no `done` is published
+                                break
+                        written = time.monotonic()
                     job = await q.get(job_id)
                 if job is not None:
                     images = await q.images(job_id) if job.status == "succeeded" else None
@@ -241,12 +264,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                     "aliases": list(CATALOG[name].aliases),
                                     "stochastic": CATALOG[name].stochastic} for name in spec.samplers},
                 "defaults": vars(spec.defaults), "guide": spec.guide,
+                "upscaler": spec.upscaler, "tile": spec.tile or None,
                 "limits": {**vars(spec.limits), "max_images": 8},
                 # The registry's choice, and what live workers actually run (env overrides, auto).
                 "engine": spec.engine, "precision": spec.precision, "live_workers": workers,
                 "active_engines": active,
             })
-        return {"default": registry.default, "models": out}
+        # "object" and "data": OpenAI's list shape beside ours, so the SDK's models.list() reads it.
+        return {"default": registry.default, "models": out, "object": "list",
+                "data": [model_object(spec) for spec in registry.models.values()]}
 
     # ------------------------------------------------------------------ the playground
 
@@ -284,6 +310,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("metrics without queue figures: %s", exc)
         return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(openai_router(submitter))
     return app
 
 

@@ -1,13 +1,14 @@
 """What a step costs, measured by workers, and the finish time the API predicts from it.
 
 Work is counted in *units*: network rows of one denoiser call, scaled by latent area to the
-model's default size (a 128x128 row is four 64x64 rows). A worker fits its calls' seconds as
-`call_s + unit_s * units` (fixed cost per call, marginal cost per unit: least squares over
-its recent calls) and tracks the units of a finished job; it publishes that beside its
-heartbeat. The API predicts a new job's finish time as the work queued ahead of it drained
-at the live workers' full-batch capacity, plus the job's own calls in sequence. Both parts are
-optimistic (no idle gaps, no shape mixing), so a job refused on the prediction could not have
-finished in time: admission control turns "waits in vain" into a 429 with Retry-After.
+model's default size (a 128x128 row is four 64x64 rows) and by frames (a video row of F frames
+is F image rows: each of its layers, spatial or temporal, runs once per frame). A worker fits
+its calls' seconds as `call_s + unit_s * units` (fixed cost per call, marginal cost per unit:
+least squares over its recent calls) and tracks the units of a finished job; it publishes that
+beside its heartbeat. The API predicts a new job's finish time as the work queued ahead of it
+drained at the live workers' full-batch capacity, plus the job's own calls in sequence. Both
+parts are optimistic (no idle gaps, no shape mixing), so a job refused on the prediction could
+not have finished in time: admission control turns "waits in vain" into a 429 with Retry-After.
 Pure: no Redis, no clock.
 """
 
@@ -22,6 +23,12 @@ def network_rows(num_images: int, guidance: str, guidance_scale: float) -> int:
     """Network rows one step of a job computes: guidance's unconditional half included."""
     guided = guidance != "none" and guidance_scale != 1
     return num_images * (2 if guided else 1)
+
+
+def row_units(defaults, params) -> float:
+    """One row's units: its area relative to the model's default size (`defaults`: the
+    registry's), times its frames (`params.images_per_row`: a video row's F)."""
+    return params.width * params.height / (defaults.width * defaults.height) * params.images_per_row
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,12 @@
 """Finished jobs to stored images, overlapped with the next denoising step.
 
 When a step finishes jobs, the worker hands them here and goes on stepping the others: their
-rows are decoded (one VAE call for the jobs of one shape), encoded as PNG / WebP / JPEG and
-stored (one Redis script) on a delivery thread. torch and Pillow release the GIL while they
-compute, so the loop's own Python work (the sampler steps, the scheduler, Redis round trips)
-and the next denoiser call run meanwhile. On CUDA the thread decodes on its own stream, after
-an event that marks the finished latents ready on the loop's stream.
+rows are decoded (one VAE call for the jobs of one shape; a video's frames in chunks), encoded
+as PNG / WebP / JPEG (a video as one MP4 / WebP / GIF file) and stored (one Redis script) on a
+delivery thread. torch and Pillow release the GIL while they compute, so the loop's own Python
+work (the sampler steps, the scheduler, Redis round trips) and the next denoiser call run
+meanwhile. On CUDA the thread decodes on its own stream, after an event that marks the finished
+latents ready on the loop's stream.
 
 A delivery that raises is handed back to the loop (`failed`), which owns retry and isolation;
 the thread never touches the scheduler.
@@ -21,9 +22,9 @@ from typing import Callable
 import numpy as np
 
 from engines.model import LoadedModel
+from service import chain
 from service.active import Active, Call
-from service.media import encode_image
-from service.queue import Claimed, Outcome, StoredImage
+from service.queue import Claimed, Outcome
 from service.runners import RUNNERS
 
 
@@ -42,15 +43,22 @@ def outcomes_of(model: LoadedModel, jobs: list[Active]) -> list[Outcome]:
         composite = RUNNERS[job.task].composite
         if composite is not None:
             own = composite(p, own)
-        images = [StoredImage(*encode_image(np.ascontiguousarray(image), p.output_format), seed, p.width, p.height)
-                  for image, seed in zip(own, p.seeds())]
+        then = job.request.get("then")  # a chained job's next stage reads lossless PNGs
+        fmt = "png" if then else p.output_format
+        output = RUNNERS[job.task].output  # an image file, or one file per video (all its frames)
+        images = [output(p, np.ascontiguousarray(image), seed, fmt) for image, seed in zip(own, p.seeds())]
         started_at = job.started_at or finished_at
         timings = {"queue_s": round(max(0.0, started_at - job.created_at), 4),
                    "inference_s": round(finished_at - started_at, 4), "decode_s": round(decode_s, 4),
                    "total_s": round(finished_at - job.created_at, 4)}
-        outcomes.append(Outcome(job, a.claimed, "succeeded", None, images, {
+        step, total = a.progress()
+        outcome = Outcome(job, a.claimed, "succeeded", None, images, {
             "timings": timings, "batch_size": a.peak_rows, "denoiser_calls": p.denoiser_calls,
-            "progress_step": a.rows[0].steps, "progress_total": a.rows[0].steps}))
+            "progress_step": step, "progress_total": total})
+        outcome.advance = chain.advance(job, images)
+        if outcome.advance is not None:  # on to the next stage: the images are its inputs, not a result
+            outcome.images, outcome.extra = [], {"progress_step": step, "progress_total": total}
+        outcomes.append(outcome)
     return outcomes
 
 

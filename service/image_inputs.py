@@ -41,7 +41,7 @@ def gather(req: GenerateRequest, files: dict[str, bytes]) -> dict[str, bytes]:
             raise invalid(field, f"task {req.task} takes no {field}")
     for field in ("strength", "mask_blur", "noise_level"):
         takes = {"strength": ("img2img",), "mask_blur": ("inpaint",), "noise_level": ("superres",)}[field]
-        if getattr(req, field) is not None and req.task not in takes:
+        if getattr(req, field) is not None and req.task not in takes and not (field == "noise_level" and req.upscale):
             raise invalid(field, f"{field} is for task {' / '.join(takes)}, not {req.task}")
     return raw
 

@@ -5,7 +5,8 @@ typed parameters; an error there is caused by the job's own input (`JobInputErro
 job fails alone, at once, and never reaches an engine. `begin` turns parsed parameters into
 the job's sampler rows at step 0 (its prompts encoded, its noise drawn from its seeds): the
 step-level scheduler steps those rows in any company (engines.tasks.txt2img.step), and
-`finish` decodes finished rows to uint8 pixels.
+`finish` decodes finished rows to uint8 pixels, and `output` encodes each image (or video) to
+the file stored with the job.
 
 Records are normally written by the API after validation, but anything that can write to
 Redis can write a record, so `parse` checks everything the engine relies on for its types and
@@ -25,10 +26,13 @@ from engines.guidance import MODES
 from engines.model import LoadedModel
 from engines.sampler_catalog import CATALOG
 from engines.sampling import Row
-from engines.tasks import img2img, inpaint, superres, txt2img
+from engines.tasks import img2img, inpaint, superres, txt2img, video
 from service.cost import network_rows
+from service.media import encode_image
+from service.queue import StoredImage
 from service.scheduler import PRIORITIES
 from service.uploads import from_png
+from service.video_media import VIDEO_FORMATS, encode_video
 
 OUTPUT_FORMATS = ("png", "webp", "jpeg")
 
@@ -74,6 +78,11 @@ class Txt2ImgParams:
     def rows_per_step(self) -> int:
         """Network rows a step of this job computes (guidance's second half included)."""
         return network_rows(self.num_images, self.guidance, self.guidance_scale)
+
+    @property
+    def images_per_row(self) -> int:
+        """Images one row denoises: 1 here, a video row's frames (VideoParams)."""
+        return 1
 
     @property
     def denoiser_calls(self) -> int:
@@ -125,7 +134,8 @@ def _pair(request: dict, name: str) -> tuple[float, float] | None:
     return float(value[0]), float(value[1])
 
 
-def parse_txt2img(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> Txt2ImgParams:
+def parse_txt2img(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None,
+                  formats: tuple[str, ...] = OUTPUT_FORMATS) -> Txt2ImgParams:
     if not isinstance(request, dict):
         raise JobInputError("request", f"expected an object, got {type(request).__name__}")
     params = Txt2ImgParams(
@@ -156,7 +166,7 @@ def parse_txt2img(request: Any, model: LoadedModel, inputs: dict[str, bytes] | N
         ("guidance_scale", math.isfinite(params.guidance_scale) and params.guidance_scale >= 0,
          "must be a finite number >= 0"),
         ("seed", 0 <= params.seed < 2**32, "must be in 0..2**32-1"),
-        ("output_format", params.output_format in OUTPUT_FORMATS, f"must be one of {', '.join(OUTPUT_FORMATS)}"),
+        ("output_format", params.output_format in formats, f"must be one of {', '.join(formats)}"),
         ("priority", params.priority in PRIORITIES, f"must be one of {', '.join(PRIORITIES)}"),
         ("timeout_s", params.timeout_s is None or params.timeout_s > 0, "must be positive"),
     ]
@@ -272,16 +282,22 @@ def composite_inpaint(p: InpaintParams, pixels: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class SuperresParams(Txt2ImgParams):
     noise_level: int = 20
-    image: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8 [H/4, W/4, 3]
+    images: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8 [n, H/4, W/4, 3]
 
 
 def parse_superres(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> SuperresParams:
+    """One low-res image for all the job's images, or (a chained job's second stage,
+    service.chain) one per image: `image:0`, `image:1`, ..."""
     base = parse_txt2img(request, model)
-    params = _extend(SuperresParams, base, noise_level=_get(request, "noise_level", int, 20),
-                     image=_image(inputs, "image"))
+    if inputs and "image:0" in inputs:
+        images = np.stack([_image(inputs, f"image:{k}") for k in range(base.num_images)])
+    else:
+        images = base.repeated(_image(inputs, "image"))
+    params = _extend(SuperresParams, base, noise_level=_get(request, "noise_level", int, 20), images=images)
     f = model.vae_scale_factor
-    if params.image.shape != (params.height // f, params.width // f, 3):
-        raise JobInputError("image", f"stored image is {params.image.shape}, the job {params.width}x{params.height} / {f}")
+    if params.images.shape[1:] != (params.height // f, params.width // f, 3):
+        raise JobInputError("image", f"stored image is {params.images.shape[1:]}, the job "
+                                     f"{params.width}x{params.height} / {f}")
     if not 0 <= params.noise_level <= superres.max_noise_level(model):
         raise JobInputError("noise_level", f"must be in 0..{superres.max_noise_level(model)}")
     return params
@@ -290,7 +306,53 @@ def parse_superres(request: Any, model: LoadedModel, inputs: dict[str, bytes] | 
 def begin_superres(model: LoadedModel, jobs: list[SuperresParams]) -> list[list[Row]]:
     """Each job's rows: its low-res image noised to its level, concatenated at every call."""
     return [superres.start_rows(model, superres.SuperresBatch(
-        p.batch(), img2img.pixels_to_tensor(p.repeated(p.image)), [p.noise_level] * p.num_images)) for p in jobs]
+        p.batch(), img2img.pixels_to_tensor(p.images), [p.noise_level] * p.num_images)) for p in jobs]
+
+
+@dataclass(frozen=True)
+class VideoParams(Txt2ImgParams):
+    """txt2video: `num_images` videos of `frames` frames, each one row [C, F, h, w]."""
+
+    frames: int = 16
+    fps: int = 8
+
+    def shape_key(self) -> Hashable:
+        return ("txt2video", self.width, self.height, self.frames)  # rows of one frame count stack
+
+    @property
+    def images_per_row(self) -> int:
+        return self.frames
+
+
+def parse_txt2video(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> VideoParams:
+    base = parse_txt2img(request, model, formats=tuple(VIDEO_FORMATS))
+    params = _extend(VideoParams, base, frames=_get(request, "num_frames", int), fps=_get(request, "fps", int, 8))
+    # The registry keeps max_frames within the adapter's temporal position embeddings.
+    if not 1 <= params.frames <= model.spec.limits.max_frames:
+        raise JobInputError("num_frames", f"must be in 1..{model.spec.limits.max_frames}")
+    if not 1 <= params.fps <= 60:
+        raise JobInputError("fps", "must be in 1..60")
+    if request.get("preview"):  # service.previews projects image rows, not [C, F, h, w]
+        raise JobInputError("preview", "txt2video sends no previews")
+    return params
+
+
+def begin_txt2video(model: LoadedModel, jobs: list[VideoParams]) -> list[list[Row]]:
+    """Each job's videos at step 0: noise [C, F, h, w] from each video's own seed."""
+    return [video.start_rows(model, video.VideoBatch(p.batch(), p.frames)) for p in jobs]
+
+
+def finish_txt2video(model: LoadedModel, rows: list[Row]) -> torch.Tensor:
+    """uint8 [B, F, H, W, 3]: frames decoded max_batch at a time, the VAE decoder's batch."""
+    return video.finish(model, rows, model.spec.max_batch)
+
+
+def image_file(p: Txt2ImgParams, pixels: np.ndarray, seed: int, fmt: str) -> StoredImage:
+    return StoredImage(*encode_image(pixels, fmt), seed, p.width, p.height)
+
+
+def video_file(p: VideoParams, frames: np.ndarray, seed: int, fmt: str) -> StoredImage:
+    return StoredImage(*encode_video(frames, fmt, p.fps), seed, p.width, p.height, frames=p.frames, fps=p.fps)
 
 
 @dataclass(frozen=True)
@@ -300,6 +362,8 @@ class Runner:
     finish: Callable[[LoadedModel, list[Row]], torch.Tensor]  # finished rows of one shape -> uint8 pixels
     # A job's params and its decoded uint8 [n, H, W, 3] pixels -> what it returns (inpaint's compositing).
     composite: Callable[[Any, np.ndarray], np.ndarray] | None = None
+    # A job's params, one image's (or video's) pixels, its seed and format -> the file stored.
+    output: Callable[[Any, np.ndarray, int, str], StoredImage] = image_file
 
 
 # task name -> runner. A job whose task is missing here fails at once (never retried).
@@ -308,4 +372,5 @@ RUNNERS: dict[str, Runner] = {
     "img2img": Runner(parse_img2img, begin_img2img, txt2img.finish),
     "inpaint": Runner(parse_inpaint, begin_inpaint, txt2img.finish, composite_inpaint),
     "superres": Runner(parse_superres, begin_superres, txt2img.finish),
+    "txt2video": Runner(parse_txt2video, begin_txt2video, finish_txt2video, output=video_file),
 }

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Task = Literal["txt2img", "img2img", "inpaint", "superres", "video"]
+Task = Literal["txt2img", "img2img", "inpaint", "superres", "txt2video"]
 
 
 class GenerateRequest(BaseModel):
@@ -18,7 +18,7 @@ class GenerateRequest(BaseModel):
     negative_prompt: str = Field("", max_length=500)
     width: int | None = Field(None, ge=1, description="Pixels; the model's default if omitted.")
     height: int | None = Field(None, ge=1)
-    num_images: int = Field(1, ge=1, le=8)
+    num_images: int = Field(1, ge=1, le=8, description="Images (txt2video: videos) of the job; k uses seed + k.")
     steps: int | None = Field(None, ge=1)
     sampler: str | None = Field(None, description="A sampler of the model's family, by its name or an alias "
                                 "(e.g. euler_a, 'DPM++ 2M'); the canonical name is reported.")
@@ -35,7 +35,12 @@ class GenerateRequest(BaseModel):
     guidance_interval_fraction: list[float] | None = Field(
         None, min_length=2, max_length=2, description="[start, end]: guide only the steps i with start <= i/N < end.")
     seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random if omitted; image k uses seed + k.")
-    output_format: Literal["png", "webp", "jpeg"] = "png"
+    output_format: Literal["png", "webp", "jpeg", "mp4", "gif"] | None = Field(
+        None, description="Images: png (default), webp (lossless), jpeg. txt2video: mp4 (default: H.264, plays "
+                          "everywhere), webp (animated, lossless), gif (animated, 256 colors).")
+    num_frames: int | None = Field(None, ge=1, description="txt2video: frames per video (the model's default; at "
+                                   "most its limits.max_frames, GET /v1/models).")
+    fps: int | None = Field(None, ge=1, le=60, description="txt2video: frames per second of the file (default 8).")
     priority: Literal["high", "normal", "low"] = Field(
         "normal", description="A high-priority job joins a full batch at the next step by pausing lower-priority "
                               "ones, which resume where they stopped.")
@@ -49,9 +54,14 @@ class GenerateRequest(BaseModel):
     mask_blur: int | None = Field(None, ge=0, le=64, description="inpaint: soft edge of the mask in pixels.")
     noise_level: int | None = Field(None, ge=0, le=350, description="superres: noise added to the low-resolution "
                                     "input (0-350, default 20, as diffusers' x4 upscaler).")
+    upscale: bool = Field(False, description="txt2img: then upscale x4 with the model's upscaler (GET /v1/models: "
+                          "`upscaler`), as one job: its images are the upscaled ones; progress counts both stages; "
+                          "noise_level applies to the second stage.")
     resize: Literal["none", "fit"] = Field("none", description="none: the image must have the job's size (its "
                                            "own size by default); fit: resized to width x height (or the "
                                            "nearest size the model serves).")
+    preview: bool = Field(False, description="Progress events carry a small preview of the current x0 estimate "
+                          "(the first image's, a PNG at latent resolution) where the model has a preview map.")
 
 
 class ImageOut(BaseModel):
@@ -60,6 +70,8 @@ class ImageOut(BaseModel):
     seed: int
     width: int
     height: int
+    frames: int | None = None  # a video's
+    fps: int | None = None
 
 
 class JobOut(BaseModel):
@@ -78,6 +90,7 @@ class JobOut(BaseModel):
     batch: dict | None = None
     denoiser_calls: int | None = None
     created_at: float | None = None
+    queue_position: int | None = None  # while queued: jobs ahead of it in its model's queue (0: next)
 
 
 class ErrorBody(BaseModel):

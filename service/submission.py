@@ -14,6 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from engines.registry import Registry
 from service import image_inputs
 from service.admission import admit
+from service.chain import plan_upscale
 from service.config import Settings
 from service.queue import TERMINAL, ApiQueue, Job, QueueFull
 from service.schemas import GenerateRequest
@@ -37,6 +38,8 @@ class Submitter:
         pixels = await run_in_threadpool(image_inputs.decode_all, image_inputs.gather(body, files), self.uploads)
         resolved = resolve(body, self.registry, image_inputs.image_size(pixels, body.task))
         inputs = await run_in_threadpool(image_inputs.complete, body, resolved, pixels)
+        if body.upscale:
+            plan_upscale(body, resolved, self.registry)
         job = Job(id=job_id or new_id(), model=resolved.spec.id, task=body.task,
                   request=resolved.request, created_at=time.time(), warnings=resolved.warnings)
         await admit(q, resolved.spec, resolved.request, self.settings.heartbeat_ttl_s)

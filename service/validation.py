@@ -23,6 +23,36 @@ def invalid(field: str, message: str) -> ApiError:
     return ApiError(422, "invalid_request", message, field)
 
 
+# The files a task's job makes, default first: images (service.media) or videos (service.video_media).
+# A video defaults to MP4 (H.264): what browsers, phones and players all play, and the
+# smallest; animated WebP keeps every pixel (lossless), GIF is for where only GIF goes.
+IMAGE_FORMATS = ("png", "webp", "jpeg")
+VIDEO_FORMATS = ("mp4", "webp", "gif")
+DEFAULT_FPS = 8  # AnimateDiff's examples write their 16-frame clips at 8 fps
+
+
+def outputs(req: GenerateRequest, spec: ModelSpec) -> dict:
+    """The request's output fields: its file format, and a video's frames and fps."""
+    video = req.task == "txt2video"
+    formats = VIDEO_FORMATS if video else IMAGE_FORMATS
+    fmt = req.output_format or formats[0]
+    if fmt not in formats:
+        raise invalid("output_format", f"task {req.task} makes {'videos' if video else 'images'}: output_format "
+                                       f"must be one of {', '.join(formats)}, got {fmt!r}")
+    if not video:
+        for name in ("num_frames", "fps"):
+            if getattr(req, name) is not None:
+                raise invalid(name, f"{name} is for task txt2video, not {req.task}")
+        return {"output_format": fmt}
+    if req.preview:
+        raise invalid("preview", "previews are for image tasks, not txt2video")
+    frames = req.num_frames or spec.defaults.num_frames
+    if frames > spec.limits.max_frames:
+        raise invalid("num_frames", f"num_frames must be at most {spec.limits.max_frames} for model {spec.id}, "
+                                    f"got {frames}")
+    return {"output_format": fmt, "num_frames": frames, "fps": req.fps or DEFAULT_FPS}
+
+
 def model_for(req: GenerateRequest, registry: Registry) -> ModelSpec:
     """The request's model, which must serve its task (404 / 422 before anything else is read)."""
     try:
@@ -130,7 +160,7 @@ def resolve(req: GenerateRequest, registry: Registry, image_size: tuple[int, int
         "guidance_interval": interval,
         "guidance_interval_fraction": fraction,
         "seed": secrets.randbelow(2**32) if req.seed is None else req.seed,
-        "output_format": req.output_format,
+        **outputs(req, spec),
         "priority": req.priority,
         "timeout_s": req.timeout_s,
         "preview": req.preview,

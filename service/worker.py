@@ -30,9 +30,10 @@ from engines.tasks import txt2img
 from service import failures
 from service.active import Active, Call
 from service.config import Settings, load_settings
-from service.cost import CostMeter
+from service.cost import CostMeter, row_units
 from service.delivery import Deliveries
 from service.metrics import BatchRecord, JobRecord, WorkerExporter
+from service.previews import Previews
 from service.queue import Claimed, Outcome, WorkerQueue, check_redis_version, redis_version
 from service.runners import RUNNERS, JobInputError
 from service.worker_models import load_models
@@ -65,6 +66,7 @@ class Worker:
         self._holding: list[Claimed] = []
         self._hold_lock = threading.Lock()
         self.deliveries = Deliveries(self._finish, settings.overlap_decoding())
+        self.previews = Previews(models)  # live previews for the jobs that ask (service.previews)
 
     # ------------------------------------------------------------------ main loop
 
@@ -274,11 +276,11 @@ class Worker:
             return
         finally:
             self.exporter.busy.set(0)
-        self.scheduler.stepped(group, counter[0])
-        self.meters[model.spec.id].call(counter[0] * area(model, jobs[0].params), time.perf_counter() - started)
+        self.scheduler.stepped(group, counter[0] * jobs[0].params.images_per_row)  # as Entry.cost counts
+        self.meters[model.spec.id].call(counter[0] * row_units(model.spec.defaults, jobs[0].params), time.perf_counter() - started)
         self.exporter.batch(BatchRecord(model.spec.id, jobs[0].job.task, len(call.rows),
                                         [time.perf_counter() - started], counter[0]))
-        self._stop(jobs, self.queue.report_progress([(a.job, *a.progress()) for a in jobs]))
+        self._stop(jobs, self.queue.report_progress([(a.job, *a.progress()) for a in jobs], self.previews.of(model, jobs)))
         done = [a for a in jobs if a.done and a.job.id in self.active]
         if done:
             self._deliver(model, done)
@@ -290,7 +292,7 @@ class Worker:
         for a in jobs:
             self._forget(a.job.id)
             p = a.params
-            self.meters[model.spec.id].job(p.rows_per_step * p.denoiser_calls * area(model, p))
+            self.meters[model.spec.id].job(p.rows_per_step * p.denoiser_calls * row_units(model.spec.defaults, p))
             by_task.setdefault(a.job.task, []).append(a)
         for same_task in by_task.values():  # each task decodes (and composites) its own way
             self.deliveries.submit(model, same_task)
@@ -344,6 +346,8 @@ class Worker:
         stored = self.queue.finish_many(outcomes)
         now = time.time()
         for o, was_stored in zip(outcomes, stored):
+            if o.advance is not None:  # moved on to its next stage: counted when it ends
+                continue
             if not was_stored:
                 log.info("job %s already finished elsewhere (or expired); result discarded", o.job.id)
                 continue
@@ -356,12 +360,6 @@ class Worker:
                 end_to_end_s=now - o.job.created_at,
                 failure_reason=failure if o.status == "failed" else None,
             ))
-
-
-def area(model: LoadedModel, params) -> float:
-    """A row's work relative to a row at the model's default size (service.cost's unit)."""
-    d = model.spec.defaults
-    return params.width * params.height / (d.width * d.height)
 
 
 def main() -> None:

@@ -102,13 +102,17 @@ def model_entry(model_id: str, path: Path, family: str, **overrides) -> dict:
 @pytest.fixture(scope="session")
 def registry_path(tmp_path_factory) -> Path:
     """The shipped tiny models under several ids, each id its own stream:
-    tiny-mmdit / tiny-ldm / pair-mmdit (max_batch 2) (served by the shared worker), slow-ldm
+    tiny-mmdit / tiny-ldm / pair-mmdit (max_batch 2) (served by the shared worker), tiny-x4
+    (tiny-ldm's upscaler, windows of 128 pixels; served by workers a test starts), slow-ldm
     and huge-ldm (sizes to 2048) (served only by workers a test starts itself), limited (never
-    served, max_queue 2) and the shipped shapes-mmdit."""
+    served, max_queue 2), the shipped shapes-mmdit, and tiny-video and slow-video (txt2video,
+    up to 8 frames; max_batch 16: two 8-frame videos a call; served by workers a test starts)."""
     path = tmp_path_factory.mktemp("registry") / "registry.json"
     models = [
         model_entry("tiny-mmdit", MODELS / "tiny-mmdit", "mmdit"),
-        model_entry("tiny-ldm", MODELS / "tiny-ldm", "ldm"),
+        model_entry("tiny-ldm", MODELS / "tiny-ldm", "ldm", upscaler="tiny-x4"),
+        model_entry("tiny-x4", MODELS / "tiny-x4", "ldm", tasks=["superres"], tile=128,
+                    defaults={"steps": 10}, limits={"max_size": 512, "size_multiple": 16}),
         model_entry("slow-ldm", MODELS / "tiny-ldm", "ldm"),
         model_entry("limited", MODELS / "tiny-mmdit", "mmdit", limits={"max_queue": 2}),
         model_entry("pair-mmdit", MODELS / "tiny-mmdit", "mmdit", max_batch=2),
@@ -123,6 +127,9 @@ def registry_path(tmp_path_factory) -> Path:
         model_entry("shapes-mmdit-guide", MODELS / "shapes-mmdit-guide", "mmdit",
                     options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
         {**SHIPPED["shapes-mmdit-turbo"], "path": str(MODELS / "shapes-mmdit-turbo")},  # as shipped
+        *(model_entry(video_id, MODELS / "tiny-video", "ldm", tasks=["txt2video"], max_batch=16,
+                      defaults={"steps": 4, "num_frames": 4, "guidance_scale": 5.0}, limits={"max_frames": 8})
+          for video_id in ("tiny-video", "slow-video")),
     ]
     path.write_text(json.dumps({"default": "tiny-mmdit", "models": models}))
     return path

@@ -52,9 +52,10 @@ def registry(tmp_path_factory):
     entries = []
     for image_model in ("tiny-ldm", "shapes-ldm"):
         random_video_model(image_model, root / image_model)
-        entries.append({"id": image_model, "path": str(root / image_model), "family": "ldm", "tasks": ["video"],
-                        "defaults": {"sampler": "ddim", "steps": 8, "guidance_scale": 5.0, "width": 64, "height": 64},
-                        "limits": {"size_multiple": 16}})
+        entries.append({"id": image_model, "path": str(root / image_model), "family": "ldm", "tasks": ["txt2video"],
+                        "defaults": {"sampler": "ddim", "steps": 8, "guidance_scale": 5.0, "width": 64, "height": 64,
+                                     "num_frames": FRAMES},
+                        "limits": {"size_multiple": 16, "max_frames": 32}})
     (root / "registry.json").write_text(json.dumps({"default": "tiny-ldm", "models": entries}))
     return load_registry(root / "registry.json")
 

@@ -3,7 +3,7 @@
 They exercise every code path of the service (tokenizer, text encoder(s), denoiser, VAE,
 schedulers) in milliseconds. Their weights are random: they draw noise, not pictures.
 
-    python -m training.tiny models/      # writes models/tiny-ldm, tiny-mmdit and tiny-x4
+    python -m training.tiny models/      # writes models/tiny-ldm, tiny-mmdit, tiny-x4 and tiny-video
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    AnimateDiffPipeline,
     AutoencoderKL,
     DDIMScheduler,
     DDPMScheduler,
@@ -25,6 +26,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+from training.train_video import mirror_adapter, video_pipeline
 from training.vocab import build_tokenizer
 
 TEXT_LENGTH = 32  # tokens; shapes captions are short
@@ -154,7 +156,19 @@ def tiny_x4(seed: int = 0) -> StableDiffusionUpscalePipeline:
     )
 
 
-BUILDERS = {"tiny-ldm": tiny_ldm, "tiny-mmdit": tiny_mmdit, "tiny-x4": tiny_x4}
+def tiny_video(seed: int = 0) -> AnimateDiffPipeline:
+    """tiny-ldm (its files byte for byte) plus a MotionAdapter mirroring its UNet, in
+    training.train_video's export layout. The adapter keeps diffusers' random init, whose
+    temporal output projections are not zero, so its frames mix (AnimateDiff's zero init, where
+    training starts, would make every frame the image model's alone)."""
+    image = tiny_ldm(seed)
+    torch.manual_seed(seed)
+    adapter = mirror_adapter(image.unet.config, heads=4, max_frames=32)
+    return video_pipeline(unet=image.unet, motion_adapter=adapter, vae=image.vae, text_encoder=image.text_encoder,
+                          tokenizer=image.tokenizer, scheduler=image.scheduler)
+
+
+BUILDERS = {"tiny-ldm": tiny_ldm, "tiny-mmdit": tiny_mmdit, "tiny-x4": tiny_x4, "tiny-video": tiny_video}
 
 
 def main() -> None:

@@ -201,14 +201,18 @@ def plain_text_encoder(encoder: CLIPTextModel) -> CLIPTextModel:
     return encoder
 
 
-def save_video_model(path: Path, *, unet: UNet2DConditionModel, **components) -> None:
-    """An AnimateDiffPipeline directory: the image model's components with unet/ the spatial
+def video_pipeline(*, unet: UNet2DConditionModel, **components) -> AnimateDiffPipeline:
+    """An AnimateDiffPipeline that saves as the image model's components with unet/ the spatial
     UNet2DConditionModel, and motion_adapter/ (the pipeline combines them when it loads)."""
     pipe = AnimateDiffPipeline(unet=unet, **components)
     # The pipeline turned `unet` into a UNetMotionModel; store the image UNet itself instead
     # (unet/ then reads as the image model's, motion_adapter/ holds the rest, nothing twice).
     pipe.register_modules(unet=unet)
-    pipe.save_pretrained(path, safe_serialization=True)
+    return pipe
+
+
+def save_video_model(path: Path, *, unet: UNet2DConditionModel, **components) -> None:
+    video_pipeline(unet=unet, **components).save_pretrained(path, safe_serialization=True)
 
 
 def export(args) -> None:

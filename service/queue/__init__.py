@@ -21,11 +21,11 @@ record, so nothing is missed between the two. JSON everywhere on the wire, never
 
 from service.queue.api_side import ApiQueue, QueueFull
 from service.queue.keys import GROUP, MIN_REDIS, PREFIX, TERMINAL, Keys, RedisTooOld, check_redis_version, redis_version
-from service.queue.records import Claimed, Job, Outcome, StoredImage, decode_images, decode_job, encode_job
+from service.queue.records import Advance, Claimed, Job, Outcome, StoredImage, decode_images, decode_job, encode_job
 from service.queue.worker_side import WorkerQueue
 
 __all__ = [
     "ApiQueue", "QueueFull", "GROUP", "MIN_REDIS", "PREFIX", "TERMINAL", "Keys", "RedisTooOld",
-    "check_redis_version", "redis_version", "Claimed", "Job", "Outcome", "StoredImage", "decode_images",
+    "check_redis_version", "redis_version", "Advance", "Claimed", "Job", "Outcome", "StoredImage", "decode_images",
     "decode_job", "encode_job", "WorkerQueue",
 ]

@@ -79,11 +79,19 @@ def decode_job(raw: dict) -> Job | None:
 
 @dataclass(frozen=True)
 class StoredImage:
+    """One output file: an image, or a whole video (its frames and fps set)."""
+
     data: bytes
     mime: str
     seed: int
     width: int
     height: int
+    frames: int | None = None
+    fps: int | None = None
+
+    def meta(self) -> dict:
+        """What the result's `meta` JSON keeps of it (all but the bytes; a video's frames and fps)."""
+        return {k: v for k, v in asdict(self).items() if k != "data" and v is not None}
 
 
 def make_event(kind: str, **fields) -> str:
@@ -116,9 +124,21 @@ class Claimed:
         return Keys.stream(self.model, self.urgent)
 
 
+@dataclass(frozen=True)
+class Advance:
+    """A finished stage's job moving on to its next stage (service.chain): the model, task and
+    request it runs next, and the inputs (the stage's images) that stage reads."""
+
+    model: str
+    task: str
+    request: dict[str, Any]
+    inputs: dict[str, bytes]
+    urgent: bool = False
+
+
 @dataclass
 class Outcome:
-    """How a job ended, as the finish script stores it."""
+    """How a job ended, as the finish script stores it, or (`advance`) how it moves on."""
 
     job: Job
     claimed: Claimed
@@ -126,6 +146,7 @@ class Outcome:
     error: str | None = None
     images: list[StoredImage] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # record fields: timings, batch_size, progress
+    advance: Advance | None = None
 
 
 def flatten(mapping: dict) -> list:

@@ -73,6 +73,38 @@ return 1
 """
 
 
+# KEYS: job, stage stream, next stream, events, inputs; ARGV: stage stream id, ttl, event json,
+# done event json, now, job id, images, n record fields, fields..., input name, bytes, ...
+# A chained job's stage done: its images become the next stage's inputs and the job moves to
+# the next model's stream, in one step (service.chain). A job finished or cancelled meanwhile
+# does not move; a cancel requested during the stage cancels it here. Always acks and deletes.
+ADVANCE = """
+redis.call('XACK', KEYS[2], 'workers', ARGV[1])
+redis.call('XDEL', KEYS[2], ARGV[1])
+local status = redis.call('HGET', KEYS[1], 'status')
+if (not status) or status == 'succeeded' or status == 'failed' or status == 'cancelled' then
+  return 0
+end
+if redis.call('HGET', KEYS[1], 'cancel_requested') then
+  redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', ARGV[5], 'error', 'cancelled while running')
+  redis.call('DEL', KEYS[5])
+  redis.call('PUBLISH', KEYS[4], ARGV[4])
+  return 2
+end
+local n = tonumber(ARGV[8])
+redis.call('DEL', KEYS[5])
+if #ARGV > 8 + n then
+  redis.call('HSET', KEYS[5], unpack(ARGV, 9 + n))
+  redis.call('EXPIRE', KEYS[5], ARGV[2])
+end
+local sid = redis.call('XADD', KEYS[3], '*', 'job', ARGV[6], 'images', ARGV[7])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'stream_id', sid, 'attempts', 0, unpack(ARGV, 9, 8 + n))
+redis.call('HDEL', KEYS[1], 'worker', 'started_at', 'last_error')
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+redis.call('PUBLISH', KEYS[4], ARGV[3])
+return 1
+"""
+
 # KEYS: job, events; ARGV: step, total, event json
 # Returns 0 (go on), 1 (cancel requested) or 2 (the record is gone: expired or deleted).
 PROGRESS = """

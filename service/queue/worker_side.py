@@ -22,6 +22,7 @@ class WorkerQueue:
         self._progress = client.register_script(scripts.PROGRESS)
         self._requeue = client.register_script(scripts.REQUEUE)
         self._release = client.register_script(scripts.RELEASE)
+        self._advance = client.register_script(scripts.ADVANCE)
 
     def ensure_group(self, model: str) -> None:
         for stream in Keys.grouped(model):
@@ -156,13 +157,18 @@ class WorkerQueue:
                 out[job.id] = "cancelled"
         return out
 
-    def report_progress(self, progress: list[tuple[Job, int, int]]) -> dict[str, str]:
-        """Record and publish each job's (steps done, total). Returns the jobs that must stop:
-        id -> "cancelled" (a cancel was requested) or "gone" (the record expired or was deleted)."""
+    def report_progress(self, progress: list[tuple[Job, int, int]],
+                        previews: dict[str, dict] | None = None) -> dict[str, str]:
+        """Record and publish each job's (steps done, total), with its live preview where
+        `previews` (job id -> service.previews' dict) has one: events only, never the record.
+        Returns the jobs that must stop: id -> "cancelled" (a cancel was requested) or "gone"
+        (the record expired or was deleted)."""
         pipe = self.r.pipeline(transaction=False)
         jobs = [job for job, _, _ in progress]
+        previews = previews or {}
         for job, step, total in progress:
-            event = make_event("progress", step=step, total=total)
+            extra = {"preview": previews[job.id]} if job.id in previews else {}
+            event = make_event("progress", step=step, total=total, **extra)
             self._progress(keys=[Keys.job(job.id), Keys.events(job.id)], args=[step, total, event], client=pipe)
         outcome = {1: "cancelled", 2: "gone"}
         return {job.id: outcome[int(x)] for job, x in zip(jobs, pipe.execute()) if int(x) in outcome}
@@ -176,13 +182,16 @@ class WorkerQueue:
         pipe = self.r.pipeline(transaction=False)
         now = time.time()
         for o in outcomes:
+            if o.advance is not None:
+                self._advance_to(o, now, pipe)
+                continue
             fields = {"status": o.status, "finished_at": now, **o.extra}
             if o.error:
                 fields["error"] = o.error
             fields = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in fields.items()}
             result = {}
             if o.images:
-                meta = [{"mime": i.mime, "seed": i.seed, "width": i.width, "height": i.height} for i in o.images]
+                meta = [i.meta() for i in o.images]
                 result = {"meta": json.dumps(meta), **{f"image:{k}": i.data for k, i in enumerate(o.images)}}
             flat = flatten(fields)
             self._finish(
@@ -192,7 +201,22 @@ class WorkerQueue:
                       *flatten(result)],
                 client=pipe,
             )
-        return [bool(x) for x in pipe.execute()]
+        # An advanced job counts as stored only if it moved on (1), not if it was cancelled (2).
+        return [int(x) == 1 if o.advance is not None else bool(x) for o, x in zip(outcomes, pipe.execute())]
+
+    def _advance_to(self, o: Outcome, now: float, pipe) -> None:
+        """A chained job's stage done: on to its next stage (scripts.ADVANCE)."""
+        a = o.advance
+        fields = flatten({"model": a.model, "task": a.task, "request": json.dumps(a.request), **{
+            k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in o.extra.items()}})
+        self._advance(
+            keys=[Keys.job(o.job.id), o.claimed.stream, Keys.stream(a.model, a.urgent), Keys.events(o.job.id),
+                  Keys.inputs(o.job.id)],
+            args=[o.claimed.stream_id, self.ttl, make_event("stage", model=a.model, task=a.task),
+                  make_event("done", status="cancelled"), now, o.job.id, o.job.num_images, len(fields), *fields,
+                  *flatten(a.inputs)],
+            client=pipe,
+        )
 
     def drop(self, claimed: Claimed) -> None:
         """Ack and delete an entry whose job must not run (already finished, or expired)."""
