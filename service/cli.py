@@ -1,5 +1,6 @@
-"""`latentserve`: generate images, list models, inspect and cancel jobs against a latentserve
-API, or run the whole service on this machine (`latentserve serve`, what `make serve` runs).
+"""`latentserve`: generate images and videos, list models, inspect and cancel jobs against a
+latentserve API, or run the whole service on this machine (`latentserve serve`, what `make
+serve` runs).
 
 Results go to stdout, messages and the progress bar to stderr, and the exit code says how it
 ended (EPILOG), so scripts can rely on all three.
@@ -18,8 +19,9 @@ from pathlib import Path
 from service.cli_client import ApiRefused, Client, Event, Unreachable
 
 OK, FAILED, USAGE, REFUSED, UNREACHABLE, CANCELLED, INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
-FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
-TASK_CHOICES = ("txt2img", "img2img", "inpaint")
+FORMATS = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg", ".mp4": "mp4", ".gif": "gif"}
+VIDEO_ONLY = ("mp4", "gif")  # formats only videos come in (webp is both: an image, or an animation)
+TASK_CHOICES = ("txt2img", "img2img", "inpaint", "superres", "txt2video")
 
 EPILOG = """\
 exit codes:
@@ -38,7 +40,13 @@ GENERATE_EPILOG = """\
 output: -o FILE writes one image to FILE; with -n N > 1, FILE's stem gets -0, -1, ...
 (out.png -> out-0.png, out-1.png). -o DIR (an existing directory, or a path ending in /)
 writes DIR/<job id>-<k>.<ext>; the default is the current directory. The format is --format,
-else the file's suffix (.png .webp .jpg .jpeg), else png.
+else the file's suffix (.png .webp .jpg .jpeg; videos .mp4 .webp .gif), else png (mp4 for
+a video).
+
+tasks: the default is inpaint with --mask, img2img with --image, txt2video with --frames,
+--fps or an mp4/gif output, else txt2img. superres (x4: the result is 4x --image) is named:
+--task superres --image small.png [--noise-level 20]. --upscale runs txt2img and then the
+model's x4 upscaler (`latentserve models`: UPSCALER) as one job: --size is the first stage's.
 
 stdout: one line per image, "PATH<TAB>SEED"; with --json instead the finished job's JSON,
 each image's base64 "data" replaced by the "path" it was written to.
@@ -74,7 +82,9 @@ def request_body(args: argparse.Namespace, task: str, fmt: str) -> dict:
         "width": width, "height": height, "num_images": args.num_images, "steps": args.steps,
         "seed": args.seed, "sampler": args.sampler, "schedule": args.schedule,
         "guidance_scale": args.guidance, "guidance": args.guidance_mode, "strength": args.strength,
-        "output_format": fmt, "priority": args.priority, "timeout_s": args.timeout,
+        "noise_level": args.noise_level, "num_frames": args.frames, "fps": args.fps,
+        "upscale": args.upscale or None, "output_format": fmt, "priority": args.priority,
+        "timeout_s": args.timeout,
     }
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -101,19 +111,23 @@ class Progress:
     """The job's steps as a tqdm bar on stderr; its label says queued (with the position in
     the queue when the server reports it) or running."""
 
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, upscale: bool = False):
         from tqdm import tqdm  # only generate draws a bar
 
         self.bar = tqdm(total=None, desc="queued", unit="step", file=sys.stderr, disable=not enabled,
                         dynamic_ncols=True)
+        self.running = "stage 1/2: generating" if upscale else "running"
 
     def show(self, event: Event) -> None:
         data = event.data
         position = data.get("position", data.get("queue_position"))  # `queue` events; `status` while queued
-        if position is not None:
+        if event.name == "stage":  # an upscale chain's second stage: the count goes on over both
+            self.running = label = f"stage 2/2: upscaling ({data.get('model')})"
+        elif position is not None:
             label = f"queued (position {position})"
         else:
-            label = "running" if event.name == "progress" else data.get("status")
+            running = event.name == "progress" or data.get("status") == "running"
+            label = self.running if running else data.get("status")
         if label:
             self.bar.set_description_str(label, refresh=False)
         if data.get("total"):
@@ -125,12 +139,23 @@ class Progress:
         self.bar.close()
 
 
+def task_of(args: argparse.Namespace, fmt: str | None) -> str:
+    if args.task:
+        return args.task
+    if args.mask:
+        return "inpaint"
+    if args.image:
+        return "img2img"
+    video = args.frames is not None or args.fps is not None or fmt in VIDEO_ONLY
+    return "txt2video" if video else "txt2img"
+
+
 def generate(client: Client, args: argparse.Namespace) -> int:
-    task = args.task or ("inpaint" if args.mask else "img2img" if args.image else "txt2img")
     suffix_format = FORMATS.get(Path(args.output).suffix.lower())
     if args.format and suffix_format and args.format != suffix_format:
         args.parser.error(f"--format {args.format} but -o {args.output} names a {suffix_format} file")
-    fmt = args.format or suffix_format or "png"
+    task = task_of(args, args.format or suffix_format)
+    fmt = args.format or suffix_format or ("mp4" if task == "txt2video" else "png")
     folder = output_folder(args.output)  # checked before the job runs, not after
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -152,7 +177,7 @@ def generate(client: Client, args: argparse.Namespace) -> int:
         say(f"job {job_id} queued")
         for warning in accepted.get("warnings") or []:
             say(f"warning: {warning}")
-        job = follow(client, job_id, Progress(enabled=not args.quiet))
+        job = follow(client, job_id, Progress(enabled=not args.quiet, upscale=args.upscale))
     except KeyboardInterrupt:
         cancel_on_interrupt(client, job_id)
         return INTERRUPTED
@@ -214,12 +239,12 @@ def models(client: Client, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
         return OK
-    rows = [("ID", "TASKS", "SIZE", "STEPS", "SAMPLER", "WORKERS")]
+    rows = [("ID", "TASKS", "SIZE", "STEPS", "SAMPLER", "UPSCALER", "WORKERS")]
     for m in answer["models"]:
         d = m["defaults"]
         rows.append((m["id"] + (" *" if m.get("default") else ""), ",".join(m["tasks"]),
                      f"{d['width']}x{d['height']}", str(d["steps"]), str(d.get("sampler")),
-                     str(m["live_workers"])))
+                     m.get("upscaler") or "-", str(m["live_workers"])))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -258,17 +283,19 @@ def build_parser() -> argparse.ArgumentParser:
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument("--url", default=argparse.SUPPRESS,
                         help="the API's base URL (default: $LATENTSERVE_URL, else http://127.0.0.1:8000)")
-    parser = argparse.ArgumentParser(prog="latentserve", parents=[server], epilog=EPILOG, formatter_class=formatter,
-                                     description="Generate images with a latentserve API, or run the service.")
+    parser = argparse.ArgumentParser(
+        prog="latentserve", parents=[server], epilog=EPILOG, formatter_class=formatter,
+        description="Generate images and videos with a latentserve API, or run the service.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    gen = commands.add_parser("generate", parents=[server], help="generate images and write them to files",
+    gen = commands.add_parser("generate", parents=[server], help="generate images or videos and write them to files",
                               epilog=GENERATE_EPILOG + "\n" + EPILOG, formatter_class=formatter)
     gen.add_argument("prompt")
     gen.add_argument("-o", "--output", default=".", metavar="PATH", help="file or directory (see below)")
     gen.add_argument("--model", help="registry id (default: the server's default model)")
     gen.add_argument("--task", choices=TASK_CHOICES,
-                     help="default: inpaint with --mask, img2img with --image, else txt2img")
+                     help="default: inpaint with --mask, img2img with --image, txt2video with --frames, --fps "
+                          "or an .mp4/.gif output, else txt2img")
     gen.add_argument("--size", type=size, metavar="WxH", help="e.g. 512x512 (default: the model's)")
     gen.add_argument("-n", "--num-images", type=int, metavar="N", help="images (seeds seed, seed+1, ...)")
     gen.add_argument("--steps", type=int)
@@ -278,10 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=float, metavar="SCALE", help="guidance scale")
     gen.add_argument("--guidance-mode", choices=("cfg", "autoguidance", "apg", "none"))
     gen.add_argument("--negative", metavar="PROMPT", help="negative prompt")
-    gen.add_argument("--image", metavar="FILE", help="img2img / inpaint input (PNG, JPEG or WebP)")
+    gen.add_argument("--image", metavar="FILE", help="img2img / inpaint / superres input (PNG, JPEG or WebP)")
     gen.add_argument("--mask", metavar="FILE", help="inpaint mask: white = repaint, black = keep")
     gen.add_argument("--strength", type=float, help="img2img: how far the input is noised (0-1]")
-    gen.add_argument("--format", choices=("png", "webp", "jpeg"))
+    gen.add_argument("--noise-level", type=int, metavar="N",
+                     help="superres (and --upscale's second stage): noise added to the input, 0-350 (default 20)")
+    gen.add_argument("--upscale", action="store_true",
+                     help="txt2img, then the model's x4 upscaler, as one job (4x --size)")
+    gen.add_argument("--frames", type=int, metavar="N", help="txt2video: frames per video (default: the model's)")
+    gen.add_argument("--fps", type=int, help="txt2video: frames per second of the file (1-60, default 8)")
+    gen.add_argument("--format", choices=("png", "webp", "jpeg", "mp4", "gif"),
+                     help="images: png, webp, jpeg; videos: mp4 (default), webp, gif")
     gen.add_argument("--priority", choices=("high", "normal", "low"))
     gen.add_argument("--timeout", type=float, metavar="SECONDS",
                      help="the server fails the job if it has not finished this long after submission")

@@ -175,8 +175,9 @@ def openai_router(submitter: Submitter) -> APIRouter:
                 elif event["type"] == "progress" and event.get("preview") and sent < call.partial_images:
                     targets = targets or shapes.partial_steps(event["total"], call.partial_images)
                     if sent < len(targets) and event["step"] >= targets[sent]:
-                        b64 = await run_in_threadpool(shapes.preview_image, event["preview"], job.request["width"],
-                                                      job.request["height"], job.request["output_format"])
+                        r = shapes.delivered(job)  # an upscale's partials at its final size
+                        b64 = await run_in_threadpool(shapes.preview_image, event["preview"], r["width"],
+                                                      r["height"], r["output_format"])
                         yield sse(shapes.partial_event(prefix, job, sent, b64))
                         sent += 1
             try:
@@ -197,7 +198,9 @@ def openai_router(submitter: Submitter) -> APIRouter:
         jpeg), response_format (b64_json, default; or url: an absolute URL of
         /v1/jobs/{id}/images/{k}, kept for the job's TTL). Our own options (seed, steps, sampler,
         schedule, guidance_scale, guidance, negative_prompt, priority, timeout_s...) ride in the
-        same body (the SDK's extra_body); image k uses seed + k.
+        same body (the SDK's extra_body); image k uses seed + k. extra_body={"upscale": true} on a
+        model with an upscaler (GET /v1/models) answers its x4-upscaled images: `size` asks for
+        the first stage's, the answer's `size` is the final one.
 
         Accepted and ignored: background, moderation, output_compression, quality, style,
         complexity, user and safety_identifier (logged). Refused: output_format gif/svg,

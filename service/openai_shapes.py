@@ -138,8 +138,15 @@ def error_body(exc: ApiError, params: dict[str, str] | None = None) -> tuple[int
 # ---------------------------------------------------------------------------- answers
 
 
+def delivered(job: Job) -> dict:
+    """The request of the stage whose images the caller gets: a chained job's last one
+    (`upscale: true`: the upscaler's, 4x the asked size), even while it is in its first."""
+    return job.request.get("then", {}).get("request", job.request)
+
+
 def size_of(job: Job) -> str:
-    return f"{job.request['width']}x{job.request['height']}"
+    r = delivered(job)
+    return f"{r['width']}x{r['height']}"
 
 
 def images_response(job: Job, images: list[StoredImage], response_format: str, url_of) -> dict:

@@ -12,10 +12,11 @@ import sys
 import threading
 from pathlib import Path
 
+import av
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port, generate, job_status, wait_until
+from tests.conftest import Workers, free_port, generate, job_status, wait_until
 
 CLI = Path(sys.executable).parent / "latentserve"
 # Served by no worker in this file (conftest's shared worker serves tiny-mmdit, tiny-ldm,
@@ -26,6 +27,14 @@ IDLE = "slow-ldm"
 @pytest.fixture(scope="module")
 def url(api, worker) -> str:
     return str(api.base_url).rstrip("/")
+
+
+@pytest.fixture(scope="module")
+def media_worker(redis_url, registry_path, tmp_path_factory):
+    """A worker for the models the shared one does not serve: tiny-video and tiny-x4."""
+    workers = Workers(redis_url, registry_path, tmp_path_factory.mktemp("cli-media-worker"))
+    yield workers("tiny-video,tiny-x4", "cli-media")
+    workers.stop_all()
 
 
 def env(**extra) -> dict:
@@ -106,6 +115,56 @@ def test_img2img_uploads_the_input_image(url, tmp_path):
         assert image.size == (48, 64)  # the input's size
 
 
+def mp4(path: Path) -> tuple[int, tuple[int, int], float]:
+    """An MP4 file's (frame count, (width, height), frames per second), decoded with PyAV."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        assert container.format.name.startswith("mov") and stream.codec_context.name == "h264"
+        frames = list(container.decode(video=0))
+        return len(frames), (frames[0].width, frames[0].height), float(stream.average_rate)
+
+
+def test_txt2video_writes_an_mp4_with_its_frames_and_the_suffix_picks_the_format(url, media_worker, tmp_path):
+    clip = tmp_path / "clip.mp4"  # the suffix makes it a txt2video job, in MP4
+    done = cli("generate", "a red circle moving right", "--model", "tiny-video", "--frames", "6", "--fps", "12",
+               "--size", "48x32", "--steps", "3", "--seed", "5", "-o", str(clip), url=url)
+    assert done.returncode == 0, done.stderr
+    assert outputs(done.stdout) == [(clip, 5)] and re.search(r"\b3/3\b", done.stderr), done.stderr
+    assert mp4(clip) == (6, (48, 32), 12.0)
+
+    # -o *.gif alone: a txt2video job (the model's default 4 frames), two videos numbered.
+    done = cli("generate", "a blue square moving up", "--model", "tiny-video", "-n", "2", "--size", "32x32",
+               "--steps", "2", "--seed", "8", "--json", "-o", str(tmp_path / "anim.gif"), url=url)
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["task"] == "txt2video" and [i["frames"] for i in job["images"]] == [4, 4]
+    for k, image in enumerate(job["images"]):
+        assert image["path"] == str(tmp_path / f"anim-{k}.gif") and image["mime"] == "image/gif"
+        with Image.open(image["path"]) as gif:
+            assert gif.format == "GIF" and gif.n_frames == 4 and gif.size == (32, 32)
+
+
+def test_superres_and_upscale_write_images_4x_the_input(url, media_worker, tmp_path):
+    small = tmp_path / "small.png"
+    Image.new("RGB", (24, 16), (30, 120, 200)).save(small)
+    done = cli("generate", "a blue square", "--task", "superres", "--model", "tiny-x4", "--image", str(small),
+               "--noise-level", "30", "--steps", "3", "--json", "-o", str(tmp_path / "big.png"), url=url)
+    assert done.returncode == 0, done.stderr
+    job = json.loads(done.stdout)
+    assert job["task"] == "superres" and job["status"] == "succeeded"
+    with Image.open(tmp_path / "big.png") as image:
+        assert image.size == (96, 64)
+
+    up = tmp_path / "up.webp"  # txt2img on tiny-ldm, then its upscaler tiny-x4: one job
+    done = cli("generate", "a red circle", "--model", "tiny-ldm", "--upscale", "--size", "32x48", "--steps", "3",
+               "--seed", "4", "-o", str(up), url=url)
+    assert done.returncode == 0, done.stderr
+    assert outputs(done.stdout) == [(up, 4)]
+    assert re.search(r"\b13/13\b", done.stderr), done.stderr  # the bar counts both stages: 3 + tiny-x4's 10
+    with Image.open(up) as image:
+        assert image.format == "WEBP" and image.size == (128, 192)
+
+
 def test_a_refused_request_exits_3_with_the_apis_message(url, api, tmp_path):
     refused = generate(api, wait=False, prompt="a red circle", width=13, height=13).json()["error"]
     done = cli("generate", "a red circle", "--size", "13x13", "-o", str(tmp_path / "x.png"), url=url)
@@ -130,9 +189,11 @@ def test_models_lists_the_registry(url, registry_path):
     assert models["tiny-mmdit"]["live_workers"] >= 1 and models[IDLE]["live_workers"] == 0
 
     table = cli("models", url=url).stdout.splitlines()
-    assert table[0].split() == ["ID", "TASKS", "SIZE", "STEPS", "SAMPLER", "WORKERS"]
+    assert table[0].split() == ["ID", "TASKS", "SIZE", "STEPS", "SAMPLER", "UPSCALER", "WORKERS"]
     row = next(line.split() for line in table if line.startswith("tiny-mmdit "))
-    assert row[:2] == ["tiny-mmdit", "*"] and row[3:] == ["64x64", "20", "flow_euler", str(models["tiny-mmdit"]["live_workers"])]
+    assert row[:2] == ["tiny-mmdit", "*"] and row[3:] == ["64x64", "20", "flow_euler", "-",
+                                                          str(models["tiny-mmdit"]["live_workers"])]
+    assert next(line.split() for line in table if line.startswith("tiny-ldm "))[5] == "tiny-x4"
 
 
 def test_jobs_get_and_cancel_a_queued_job_and_its_waiter_exits_5(url, api):

@@ -90,6 +90,32 @@ def test_our_options_ride_in_extra_body(client, api):
     assert job["progress"] == {"step": 3, "total": 3}
 
 
+def test_upscale_in_extra_body_answers_the_upscaled_images_at_their_final_size(client, api, start_worker):
+    """`upscale: true` chains tiny-ldm's txt2img and its upscaler tiny-x4 as one job: `size` asks
+    for the first stage's images, the answer (and a stream's completed event) is 4x them."""
+    start_worker("tiny-x4", "openai-x4")
+    body = {"upscale": True, "steps": 3, "seed": 9}
+    result = client.images.generate(model="tiny-ldm", prompt=PROMPT, size="32x48", n=2, output_format="webp",
+                                    extra_body=body)
+    assert result.size == "128x192" and [image.seed for image in result.data] == [9, 10]
+    pictures = [decoded(image.b64_json) for image in result.data]
+    assert all(p.format == "WEBP" and p.size == (128, 192) for p in pictures)
+    job = api.get(f"/v1/jobs/{result.id}").json()
+    assert job["stage"]["index"] == 2 and [s["model"] for s in job["stage"]["stages"]] == ["tiny-ldm", "tiny-x4"]
+    assert job["progress"] == {"step": 13, "total": 13}  # 3 txt2img steps + tiny-x4's default 10
+    same = ours(api, model="tiny-ldm", prompt=PROMPT, width=32, height=48, num_images=2, output_format="webp", **body)
+    for k, image in enumerate(result.data):  # our route's chained job: the same images
+        assert np.abs(pixels(base64.b64decode(image.b64_json)) - pixels(base64.b64decode(same["images"][k]["data"]))
+                      ).max() <= 2
+
+    events = list(client.images.generate(model="tiny-ldm", prompt=PROMPT, size="32x48", stream=True,
+                                         output_format="webp", extra_body=body))
+    assert [e.type for e in events] == ["image_generation.completed"]  # tiny-ldm has no preview map: no partials
+    assert events[0].size == "128x192" and decoded(events[0].b64_json).size == (128, 192)
+    streamed, first = (pixels(base64.b64decode(b64)) for b64 in (events[0].b64_json, result.data[0].b64_json))
+    assert np.abs(streamed - first).max() <= 2
+
+
 def test_invalid_size_is_a_bad_request_with_our_message_naming_the_field(client, api):
     with pytest.raises(openai.BadRequestError) as caught:
         client.images.generate(model="tiny-mmdit", prompt=PROMPT, size="1024x1024")

@@ -1,7 +1,8 @@
 """The browser playground at `/`, driven in Debian's chromium through Playwright against the
 real API and workers: generate with progress, live previews and a result; queue position,
 a full queue and cancelling; the API's errors at their fields; a phone-sized screen;
-Ctrl+Enter; the request as a curl command that runs and as Python."""
+Ctrl+Enter; the request as a curl command that runs and as Python. Videos, superres and
+upscaling from the page: tests/test_playground_media.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from urllib.parse import urlsplit
 
 import pytest
@@ -22,26 +24,37 @@ CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (`make test` installs "
                                 "Debian's; Playwright's own browser download cannot work here)")
 
-# Records every value the progress bar and the preview image take, from before Generate.
+# Records every value the progress bar, the preview image and the status line take, from
+# before Generate.
 WATCH = """() => {
-  window.seen = {progress: [], previews: []};
+  window.seen = {progress: [], previews: [], status: []};
   const bar = document.querySelector('#progress');
   const preview = document.querySelector('#preview-image');
+  const status = document.querySelector('#status');
   new MutationObserver(() => window.seen.progress.push(bar.value))
     .observe(bar, {attributes: true, attributeFilter: ['value']});
   new MutationObserver(() => window.seen.previews.push(preview.getAttribute('src')))
     .observe(preview, {attributes: true, attributeFilter: ['src']});
+  new MutationObserver(() => window.seen.status.push(status.textContent))
+    .observe(status, {childList: true, characterData: true, subtree: true});
 }"""
 
 
-@pytest.fixture(scope="module")
-def browser():
+@contextmanager
+def chromium():
+    """Debian's chromium through Playwright (each browser test module launches its own)."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as launched:
+        yield launched
 
 
 class Visit:
@@ -72,19 +85,26 @@ class Visit:
         assert not self.errors, f"script errors: {self.errors}"
 
 
-@pytest.fixture()
-def visit(browser, api):
-    """Opens the playground: visit(width=390, height=844) -> a page; all closed (and checked)
-    when the test ends."""
-    visits = []
+@contextmanager
+def visits(browser, api):
+    """open_page(width=390, height=844) -> a page of the playground; all closed (and checked)
+    on leaving."""
+    opened = []
 
     def open_page(**viewport):
-        visits.append(Visit(browser, api, **viewport))
-        return visits[-1].page
+        opened.append(Visit(browser, api, **viewport))
+        return opened[-1].page
 
     yield open_page
-    for each in visits:
+    for each in opened:
         each.close()
+
+
+@pytest.fixture()
+def visit(browser, api):
+    """Opens the playground: visit(width=390, height=844) -> a page."""
+    with visits(browser, api) as open_page:
+        yield open_page
 
 
 @pytest.fixture()
@@ -283,3 +303,4 @@ def test_page_and_static_files_count_as_routes(page, api):
     metrics = api.get("/metrics").text
     for route in ("/", "/static"):
         assert re.search(rf'latentserve_http_requests_total\{{code="200",method="GET",route="{route}"\}}', metrics)
+

@@ -65,7 +65,8 @@ export async function cancel(jobId) {
   return call("DELETE", `/v1/jobs/${encodeURIComponent(jobId)}`);
 }
 
-// Follows a job's Server-Sent Events. handlers: status, queue, progress, done, lost.
+// Follows a job's Server-Sent Events. handlers: status, queue, progress, stage (a chained job
+// moved to its next model: {model, task}), done, lost.
 // Returns a function that stops listening.
 export function watch(jobId, handlers) {
   const source = new EventSource(`/v1/jobs/${encodeURIComponent(jobId)}/events`);
@@ -74,6 +75,7 @@ export function watch(jobId, handlers) {
   on("status", handlers.status);
   on("queue", handlers.queue);
   on("progress", handlers.progress);
+  on("stage", handlers.stage || (() => {}));
   on("done", (job) => {
     source.close(); // else EventSource reconnects once the server ends the stream
     handlers.done(job);

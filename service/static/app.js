@@ -10,7 +10,7 @@ const settings = new SettingsForm($("#settings"));
 const generateButton = $("#generate");
 const cancelButton = $("#cancel");
 const previewBox = $("#live-preview");
-let current = null; // the job being watched: {id, request, stop}
+let current = null; // the job being watched: {id, request, size, stage, stop}
 
 function showGeneralError(message) {
   $("#general-error").textContent = message;
@@ -48,11 +48,14 @@ async function generate() {
   const output = $("#output"); // below the form on a phone: bring it into view
   if (output.getBoundingClientRect().top > window.innerHeight) output.scrollIntoView({ behavior: "smooth" });
   view.setStatus("Queued", "queued");
-  view.setProgress(0, request.body.steps);
-  current = { id: accepted.id, request };
+  view.setProgress(0, request.body.steps); // an upscale's events then count both stages
+  current = {
+    id: accepted.id, request, size: settings.outputSize(), upscaler: settings.model.upscaler,
+    stage: request.body.upscale ? "stage 1 of 2: generating" : "",
+  };
   current.stop = api.watch(accepted.id, {
     status: onStatus, queue: (event) => view.setQueuePosition(event.position),
-    progress: onProgress, done: finish,
+    progress: onProgress, stage: onStage, done: finish,
     lost: () => finish({ status: "failed", error: "lost the job's event stream (expired or unknown)" }),
   });
 }
@@ -62,19 +65,37 @@ function onStatus(event) {
     view.setStatus("Queued", "queued");
     view.setQueuePosition(event.queue_position ?? event.position);
   } else {
-    view.setStatus(event.status === "running" ? "Running" : event.status, "busy");
+    view.setStatus(event.status === "running" ? running() : event.status, "busy");
     view.setQueuePosition(null);
   }
   if (event.total) view.setProgress(event.step, event.total);
 }
 
+// "Running: step 12 of 30" (and which stage of an upscale chain).
+function running(step, total) {
+  const stage = current && current.stage ? ` · ${current.stage}` : "";
+  return step === undefined ? `Running${stage}` : `Running: step ${step} of ${total}${stage}`;
+}
+
 function onProgress(event) {
-  view.setStatus(`Running: step ${event.step} of ${event.total}`, "busy");
+  // Past the first stage's steps: the upscaler's (its `stage` event may have come before
+  // this page's stream opened).
+  if (current && current.request.body.upscale && event.step > current.request.body.steps) upscaling(current.upscaler);
+  view.setStatus(running(event.step, event.total), "busy");
   view.setQueuePosition(null);
   view.setProgress(event.step, event.total);
-  if (event.preview && current) {
-    view.showPreview(event.preview, current.request.body.width, current.request.body.height);
-  }
+  if (event.preview && current) view.showPreview(event.preview, current.size);
+}
+
+function upscaling(model) {
+  current.stage = `stage 2 of 2: upscaling (${model})`;
+}
+
+// A chained job moved on to its upscaler (the progress count goes on over both stages).
+function onStage(event) {
+  if (!current) return;
+  upscaling(event.model);
+  view.setStatus(running(), "busy");
 }
 
 function finish(job) {
@@ -151,6 +172,10 @@ $("#settings").addEventListener("submit", (event) => {
 settings.el("model").addEventListener("change", () => settings.applyModel());
 settings.el("sampler").addEventListener("change", () => settings.applySampler());
 settings.el("task").addEventListener("change", () => settings.applyTask());
+for (const name of ["width", "height", "upscale"]) {
+  settings.el(name).addEventListener("input", () => settings.applySize());
+}
+settings.el("image").addEventListener("change", () => settings.noteImage());
 settings.el("strength").addEventListener("input", (event) => {
   $("#strength-value").textContent = event.target.value;
 });

@@ -1,4 +1,5 @@
-// The output side: status line, progress bar, live preview, results and this visit's gallery.
+// The output side: status line, progress bar, live preview, results (images and videos) and
+// this visit's gallery.
 
 import { extension } from "./snippets.js";
 
@@ -27,10 +28,10 @@ export function setProgress(step, total) {
 
 // A preview is the latent decoded cheaply, at latent resolution: shown scaled up to the
 // size the job will deliver, in the box its result will take.
-export function showPreview(preview, width, height) {
+export function showPreview(preview, size) {
   const img = $("#preview-image");
   img.src = `data:${preview.mime};base64,${preview.data}`;
-  img.style.aspectRatio = `${width} / ${height}`;
+  img.style.aspectRatio = size ? `${size.width} / ${size.height}` : "";
   img.hidden = false;
   $("#results").hidden = true;
 }
@@ -53,34 +54,75 @@ export function showWarnings(warnings) {
   }));
 }
 
-function imageSrc(image) {
+function fileSrc(image) {
   return `data:${image.mime};base64,${image.data}`;
 }
 
-function resultFigure(job, image, k) {
+// A result file as its element: a <video> for MP4, an <img> for images and for animated WebP
+// / GIF videos (which browsers play as images).
+function media(image, label) {
+  const video = image.mime.startsWith("video/");
+  const node = document.createElement(video ? "video" : "img");
+  if (video) {
+    // Muted: browsers only autoplay silent media (and these have no sound anyway).
+    for (const name of ["controls", "loop", "autoplay", "muted", "playsinline"]) node.setAttribute(name, "");
+    node.muted = true;
+    node.setAttribute("aria-label", label);
+  } else {
+    node.alt = label;
+  }
+  node.src = fileSrc(image);
+  node.width = image.width;
+  node.height = image.height;
+  node.className = "result";
+  return node;
+}
+
+function describe(image) {
+  const size = `${image.width}×${image.height}`;
+  return image.frames ? `${size}, ${image.frames} frames at ${image.fps} fps` : size;
+}
+
+function resultFigure(job, image, k, label) {
   const figure = document.createElement("figure");
-  const img = document.createElement("img");
-  img.src = imageSrc(image);
-  img.alt = `Result ${k + 1} of ${job.images.length}: ${job.prompt || ""} (seed ${image.seed})`;
-  img.width = image.width;
-  img.height = image.height;
-  img.className = "result";
+  const shown = media(image, label);
   const caption = document.createElement("figcaption");
   const link = document.createElement("a");
-  link.href = img.src;
+  link.href = shown.src;
   link.download = `latentserve-${job.id.slice(0, 8)}-${k}.${extension(image.mime)}`;
   link.textContent = `Download ${extension(image.mime).toUpperCase()}`;
-  caption.append(`${image.width}×${image.height}, seed ${image.seed} · `, link);
-  figure.append(img, caption);
+  caption.append(`${describe(image)}, seed ${image.seed} · `, link);
+  figure.append(shown, caption);
   return figure;
 }
 
-// `job`: the done event's body, with the request's prompt added by the caller.
-export function showResult(job) {
+// `job`: the done event's body, with the request's prompt added by the caller; `only`: show
+// just its file k (a gallery entry).
+export function showResult(job, only = null) {
   $("#preview-image").hidden = true;
   const results = $("#results");
   results.hidden = false;
-  results.replaceChildren(...job.images.map((image, k) => resultFigure(job, image, k)));
+  const count = job.images.length;
+  const figures = job.images.map((image, k) => {
+    const what = only === null ? `Result ${k + 1} of ${count}` : "Result";
+    return resultFigure(job, image, k, `${what}: ${job.prompt || ""} (seed ${image.seed})`);
+  });
+  results.replaceChildren(...(only === null ? figures : [figures[only]]));
+}
+
+function thumbnail(image) {
+  if (!image.mime.startsWith("video/")) {
+    const img = document.createElement("img");
+    img.src = fileSrc(image);
+    img.alt = "";
+    return img;
+  }
+  const video = document.createElement("video"); // its first frame, still
+  video.muted = true;
+  video.preload = "metadata";
+  video.src = fileSrc(image);
+  video.setAttribute("aria-hidden", "true");
+  return video;
 }
 
 export function addToGallery(job) {
@@ -89,17 +131,12 @@ export function addToGallery(job) {
     const item = document.createElement("li");
     const button = document.createElement("button");
     button.type = "button";
-    button.title = `${job.prompt} (seed ${image.seed})`;
-    button.setAttribute("aria-label", `View ${job.prompt} (seed ${image.seed})`);
-    const thumb = document.createElement("img");
-    thumb.src = imageSrc(image);
-    thumb.alt = "";
-    button.append(thumb);
+    const kind = image.frames ? "video " : "";
+    button.title = `${job.prompt} (${kind}seed ${image.seed})`;
+    button.setAttribute("aria-label", `View ${job.prompt} (${kind}seed ${image.seed})`);
+    button.append(thumbnail(image));
     button.addEventListener("click", () => {
-      showResult({ ...job, images: [image] });
-      const figure = $("#results figure");
-      figure.querySelector("img").alt = `Result: ${job.prompt} (seed ${image.seed})`;
-      figure.querySelector("a").download = `latentserve-${job.id.slice(0, 8)}-${k}.${extension(image.mime)}`;
+      showResult(job, k);
       setStatus(`Viewing an earlier result (${job.model}, ${job.steps} steps)`, "done");
     });
     item.append(button);
