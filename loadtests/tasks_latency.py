@@ -1,7 +1,9 @@
-"""Per-task latency of lone requests (a report, not a test): txt2img, img2img and inpaint on the
-shipped shapes models at 64x64 and their default steps, through API, Redis and one worker.
+"""Per-task latency of lone requests (a report, not a test): txt2img, img2img, inpaint, superres
+(64x64 -> 256x256), the txt2img -> x4 chain and txt2video on the shipped models at their default
+steps, through API, Redis and one worker.
 
     python -m loadtests.tasks_latency --out loadtests/reports/tasks-<date>      # ~3 min on 2 cores
+    python -m loadtests.tasks_latency --out ... --only superres,upscale,txt2video
 
 Each (model, task) runs `--repeats` requests one after another (`?wait=true`) after one
 warm-up; the report gives the medians of the client's end-to-end time and the worker's own
@@ -38,7 +40,14 @@ CASES = [  # (model, task, extra body)
     ("shapes-ldm", "img2img", {"strength": 0.8}),
     ("shapes-ldm", "inpaint", {}),
     ("shapes-inpaint", "inpaint", {}),
+    ("shapes-x4", "superres", {}),
+    ("shapes-ldm", "txt2img", {"upscale": True}),  # reported as task "upscale": two stages, one job
+    ("tiny-video", "txt2video", {"num_frames": 8}),  # a random placeholder until shapes-video ships
 ]
+
+
+def label(task: str, extra: dict) -> str:
+    return "upscale" if extra.get("upscale") else task
 
 
 def png_b64(pixels: np.ndarray) -> str:
@@ -51,7 +60,7 @@ def body(model: str, task: str, extra: dict, k: int) -> dict:
     rng = random.Random(k)
     b = {"model": model, "task": task, "prompt": "a large red circle on the left and a blue square on the right",
          "seed": k, **extra}
-    if task != "txt2img":
+    if task in ("img2img", "inpaint", "superres"):
         b["image"] = png_b64(render(random_scene(rng), 64, rng))
     if task == "inpaint":
         mask = np.zeros((64, 64), np.uint8)
@@ -74,7 +83,7 @@ def measure(url: str, model: str, task: str, extra: dict, repeats: int) -> dict:
                 inference.append(float(job["timings"]["inference_s"]))
                 steps = job["progress"]["total"]
     e, i = statistics.median(e2e), statistics.median(inference)
-    return {"model": model, "task": task, "steps": steps, "n": repeats, "end_to_end_s": round(e, 4),
+    return {"model": model, "task": label(task, extra), "steps": steps, "n": repeats, "end_to_end_s": round(e, 4),
             "inference_s": round(i, 4), "service_s": round(e - i, 4)}
 
 
@@ -82,12 +91,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", help="comma-separated tasks to measure (txt2img, upscale, superres, ...)")
     args = parser.parse_args()
+    cases = [c for c in CASES if not args.only or label(c[1], c[2]) in args.only.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "logs").mkdir(exist_ok=True)
-    stack = Stack(sorted({m for m, _, _ in CASES}), {}, args.out / "logs")
+    models = {m for m, _, extra in cases} | ({"shapes-x4"} if any(e.get("upscale") for _, _, e in cases) else set())
+    stack = Stack(sorted(models), {}, args.out / "logs")
     try:
-        rows = [measure(stack.url, m, t, extra, args.repeats) for m, t, extra in CASES]
+        rows = [measure(stack.url, m, t, extra, args.repeats) for m, t, extra in cases]
     finally:
         stack.close()
     report = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_info(),
@@ -96,7 +108,9 @@ def main() -> None:
     lines = [f"# Per-task latency of lone requests, {report['date']}", "",
              f"CPU: {report['cpu']['model']}, {report['cores']} cores (client, API, worker and Redis share them). "
              f"64x64, each model's default sampler, steps and guidance; medians of {args.repeats} requests after a "
-             "warm-up; img2img at strength 0.8 (steps x 0.8 run); inpaint with the right half masked.", "",
+             "warm-up; img2img at strength 0.8 (steps x 0.8 run); inpaint with the right half masked; superres "
+             "64x64 -> 256x256; upscale: a 64x64 txt2img then x4 as one job (steps of both stages); txt2video: "
+             "8 frames at 64x64, MP4.", "",
              "| model | task | steps run | end to end s | worker inference s | service s |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['task']} | {r['steps']} | {r['end_to_end_s']} | {r['inference_s']} | {r['service_s']} |"
               for r in rows]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,8 @@ def export(args) -> None:
                                 prediction_type="v_prediction"),
         max_noise_level=MAX_NOISE_LEVEL)
     pipe.save_pretrained(args.export, safe_serialization=True)
+    for shared in ("text_encoder", "tokenizer"):  # the frozen text model's own files: stored once in git
+        shutil.copytree(args.text_model / shared, args.export / shared, dirs_exist_ok=True)
     (args.export / "training.json").write_text(json.dumps({
         "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "lr": args.lr, "width": args.width,
         "crop_latent": args.crop, "device": extra.get("device", "cpu"), "amp": extra.get("amp", False),
