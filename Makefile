@@ -47,7 +47,7 @@ system-test-deps:
 	fi
 
 test: venv system-test-deps
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # Rebuild the tiny random placeholder models (deterministic; committed under models/).
 tiny-models: venv

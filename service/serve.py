@@ -63,7 +63,7 @@ def start_redis(port: int) -> subprocess.Popen:
     proc = subprocess.Popen([
         binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data),
         "--appendonly", "yes", "--save", "", "--protected-mode", "yes",
-    ], stdout=open(RUN_DIR / "redis.log", "ab"), stderr=subprocess.STDOUT)
+    ], stdout=open(RUN_DIR / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
     for _ in range(100):
         if not port_free(port):
             return proc
@@ -94,7 +94,9 @@ def main() -> None:
         raise
 
     def spawn(module: str) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT)
+        # Each child in its own session: a terminal's Ctrl-C signals the whole foreground
+        # process group, and Redis must not stop before the worker has stored its batch.
+        return subprocess.Popen([sys.executable, "-m", module], env=env, cwd=ROOT, start_new_session=True)
 
     api, worker = spawn("service.api"), spawn("service.worker")
     print(f"serve: API on http://{settings.host}:{settings.port} (docs at /docs); worker starting")

