@@ -68,11 +68,13 @@ def guidance_of(model: LoadedModel, image: ImageRequest, schedule: Schedule) -> 
     return Guidance(image.guidance, image.guidance_scale, lo, hi, **apg)
 
 
-def start_rows(model: LoadedModel, batch: Txt2ImgBatch, noise: torch.Tensor | None = None) -> list[Row]:
+def start_rows(model: LoadedModel, batch: Txt2ImgBatch, noise: torch.Tensor | None = None,
+               generators: StackedGenerator | None = None) -> list[Row]:
     """Each image's row at step 0, with its conditioning and guidance. Its generator drew its
     initial noise and goes on to draw any noise its sampler needs, in diffusers' order (one
-    generator per image)."""
-    generators = StackedGenerator([image.seed for image in batch.images])
+    generator per image). A task that drew `noise` its own way passes the `generators` it
+    drew it from (a video's [C, F, h, w] noise)."""
+    generators = generators or StackedGenerator([image.seed for image in batch.images])
     noise = initial_noise(model, batch, generators) if noise is None else noise
     rows = []
     for k, (image, conditions) in enumerate(zip(batch.images, conditions_of(model, batch.images))):

@@ -24,8 +24,9 @@ from engines.layout import ModelLayout
 from engines.model import LoadedModel, assemble, load_tokenizers
 from engines.noise import StackedGenerator
 from engines.registry import ModelSpec
-from engines.sampling import Row, sample, start
-from engines.tasks.txt2img import Txt2ImgBatch, conditions_of, evaluator_of, guidance_of, schedule_of
+from engines.sampling import Row, sample
+from engines.tasks import txt2img
+from engines.tasks.txt2img import Txt2ImgBatch, evaluator_of
 
 
 @dataclass(frozen=True)
@@ -81,17 +82,10 @@ def initial_noise(model: LoadedModel, job: VideoBatch, generators: StackedGenera
 
 
 def start_rows(model: LoadedModel, job: VideoBatch) -> list[Row]:
-    """Each video's row at step 0 (its generator goes on to draw its sampler's noise)."""
-    batch = job.batch
-    generators = StackedGenerator([video.seed for video in batch.images])
-    noise = initial_noise(model, job, generators)
-    rows = []
-    for k, (video, conditions) in enumerate(zip(batch.images, conditions_of(model, batch.images))):
-        schedule = schedule_of(model, video, batch)
-        rows.append(start(noise[k].to(model.device), schedule, video.sampler or batch.sampler,
-                          generators.generators[k], video.eta, **conditions,
-                          guidance=guidance_of(model, video, schedule)))
-    return rows
+    """Each video's row at step 0, as txt2img starts an image's, from its [C, F, h, w] noise
+    (its generator goes on to draw its sampler's noise)."""
+    generators = StackedGenerator([video.seed for video in job.batch.images])
+    return txt2img.start_rows(model, job.batch, initial_noise(model, job, generators), generators)
 
 
 @torch.inference_mode()
