@@ -34,8 +34,11 @@ def load(path: Path, modules: dict, optimizer=None) -> tuple[int, dict]:
     if not path.exists():
         return 0, {}
     state = torch.load(path, weights_only=False, map_location="cpu")  # also a checkpoint saved on a GPU
+    partial = state["extra"].get("partial", False)  # training.slim --keep: over the built net's own weights
     for name, module in modules.items():
-        module.load_state_dict(state["modules"][name])
+        unexpected = module.load_state_dict(state["modules"][name], strict=not partial).unexpected_keys
+        if unexpected:
+            raise KeyError(f"{path}: {name} has no {unexpected[:3]}")
     if optimizer is None or "optimizer" not in state:  # a slim checkpoint (training.slim): fresh optimizer
         return state["step"], state["extra"]
     optimizer.load_state_dict(state["optimizer"])

@@ -122,10 +122,10 @@ def build(args) -> tuple[PreTrainedTokenizerFast, VideoNet]:
 
 
 @torch.no_grad()
-def build_clip_bank(vae_dir: Path, n: int, frames: int, seed: int = 1, chunk: int = 256) -> dict:
+def build_clip_bank(vae_dir: Path, n: int, frames: int, seed: int = 1, chunk: int = 256, device: str = "cpu") -> dict:
     """{"latents": fp16 [n, C, frames, h, w] (posterior means x scaling, each frame encoded
-    alone as AnimateDiff does), "captions"}."""
-    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
+    alone as AnimateDiff does), "captions"}; encoded on `device`."""
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().to(device)
     rng = random.Random(seed)
     clips, captions = [], []
     for _ in range(n):
@@ -135,9 +135,9 @@ def build_clip_bank(vae_dir: Path, n: int, frames: int, seed: int = 1, chunk: in
     pixels = torch.from_numpy(np.stack(clips)).flatten(0, 1).permute(0, 3, 1, 2)  # [n * frames, 3, H, W]
     latents = []
     for start in range(0, len(pixels), chunk):
-        x = pixels[start:start + chunk].float() / 127.5 - 1
+        x = pixels[start:start + chunk].float().to(device) / 127.5 - 1
         mean = vae.encode(x).latent_dist.mean
-        latents.append(((mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).half())
+        latents.append(((mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).half().cpu())
     latents = torch.cat(latents).unflatten(0, (n, frames)).transpose(1, 2)
     return {"latents": latents.contiguous(), "captions": captions, "frames": frames}
 
@@ -148,7 +148,7 @@ def load_or_build_bank(args) -> dict:
         bank = torch.load(path, weights_only=False)
         if len(bank["captions"]) >= args.bank and bank["frames"] == args.frames:
             return bank
-    bank = build_clip_bank(args.vae or args.image_model / "vae", args.bank, args.frames)
+    bank = build_clip_bank(args.vae or args.image_model / "vae", args.bank, args.frames, device=args.device)
     torch.save(bank, path)
     print(f"bank: {args.bank} clips of {args.frames} frames", flush=True)
     return bank

@@ -70,9 +70,10 @@ def build_unet(args) -> UNet2DConditionModel:
 
 
 @torch.no_grad()
-def build_bank(vae: AutoencoderKL, n: int, seed: int = 3, chunk: int = 64) -> dict:
+def build_bank(vae: AutoencoderKL, n: int, seed: int = 3, chunk: int = 64, device: str = "cpu") -> dict:
     """(latents of 256x256 renders, scaled as the pipeline scales them; the 64x64 low-res
-    image, box-downsampled as a 64x64 render is; caption) for n scenes."""
+    image, box-downsampled as a 64x64 render is; caption) for n scenes; encoded on `device`."""
+    vae.to(device)
     rng = random.Random(seed)
     latents, lows, captions = [], [], []
     for start in range(0, n, chunk):
@@ -83,8 +84,8 @@ def build_bank(vae: AutoencoderKL, n: int, seed: int = 3, chunk: int = 64) -> di
             captions.append(text)
         high = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
         lows.append(F.avg_pool2d(high, 4).round().to(torch.uint8))
-        mean = vae.encode(high / 127.5 - 1).latent_dist.mean
-        latents.append((mean * vae.config.scaling_factor).half())
+        mean = vae.encode((high / 127.5 - 1).to(device)).latent_dist.mean
+        latents.append((mean * vae.config.scaling_factor).half().cpu())
     return {"latents": torch.cat(latents), "low": torch.cat(lows), "captions": captions}
 
 
@@ -95,17 +96,20 @@ def train(args) -> None:
     text_encoder = CLIPTextModel.from_pretrained(args.text_model / "text_encoder").eval().requires_grad_(False)
     args.text_width = text_encoder.config.hidden_size
     net = torch.nn.ModuleDict({"unet": build_unet(args)})
+    if args.init_model and not (args.out / "checkpoint.pt").exists():
+        net["unet"].load_state_dict(UNet2DConditionModel.from_pretrained(args.init_model / "unet").state_dict())
+        print(f"initialised from {args.init_model}", flush=True)
     bank_path = args.out / "bank.pt"
     if bank_path.exists():
         bank = torch.load(bank_path, weights_only=False)
     else:
         vae = fold_scaling(AutoencoderKL.from_pretrained(args.vae, use_safetensors=True).eval())
-        bank = build_bank(vae, args.bank)
+        bank = build_bank(vae, args.bank, device=args.device)
         args.out.mkdir(parents=True, exist_ok=True)
         torch.save(bank, bank_path)
         print(f"bank: {len(bank['captions'])} scenes", flush=True)
     # fp32 once: stacking fp16 crops inside a CPU bf16 autocast region fails (at::autocast::prioritize)
-    latents, low, captions = bank["latents"].float(), bank["low"], bank["captions"]
+    latents, low, captions = bank["latents"].float().to(args.device), bank["low"].to(args.device), bank["captions"]
     text_encoder.to(args.device)
     encode = text_engine(text_encoder, pooled=False)
     alphas = vp_alphas_cumprod(SCHEDULE).to(args.device)
