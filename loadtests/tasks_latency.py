@@ -42,7 +42,7 @@ CASES = [  # (model, task, extra body)
     ("shapes-inpaint", "inpaint", {}),
     ("shapes-x4", "superres", {}),
     ("shapes-ldm", "txt2img", {"upscale": True}),  # reported as task "upscale": two stages, one job
-    ("tiny-video", "txt2video", {"num_frames": 8}),  # a random placeholder until shapes-video ships
+    ("shapes-video", "txt2video", {}),  # its default: 16 frames
 ]
 
 

@@ -39,6 +39,7 @@ def plan_upscale(body: GenerateRequest, resolved: Resolved, registry) -> None:
         raise invalid("upscale", f"the {spec.upscaler} stage refuses it: {message}") from None
     request = stage2.request
     request["noise_level"] = 20 if body.noise_level is None else body.noise_level
+    request["back_projection"] = body.back_projection is not False
     request["inputs"] = [f"image:{k}" for k in range(body.num_images)]
     request["stage_offset"] = r["steps"]  # progress counts on from stage 1's steps
     request["first_stage"] = {"model": spec.id, "task": body.task}

@@ -82,7 +82,8 @@ def request_body(args: argparse.Namespace, task: str, fmt: str) -> dict:
         "width": width, "height": height, "num_images": args.num_images, "steps": args.steps,
         "seed": args.seed, "sampler": args.sampler, "schedule": args.schedule,
         "guidance_scale": args.guidance, "guidance": args.guidance_mode, "strength": args.strength,
-        "noise_level": args.noise_level, "num_frames": args.frames, "fps": args.fps,
+        "noise_level": args.noise_level, "back_projection": False if args.no_back_projection else None,
+        "num_frames": args.frames, "fps": args.fps,
         "upscale": args.upscale or None, "output_format": fmt, "priority": args.priority,
         "timeout_s": args.timeout,
     }
@@ -310,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--strength", type=float, help="img2img: how far the input is noised (0-1]")
     gen.add_argument("--noise-level", type=int, metavar="N",
                      help="superres (and --upscale's second stage): noise added to the input, 0-350 (default 20)")
+    gen.add_argument("--no-back-projection", action="store_true",
+                     help="superres / --upscale: the upscaler's image as diffusers' pipeline gives it (by default it "
+                          "is corrected to average back to the input)")
     gen.add_argument("--upscale", action="store_true",
                      help="txt2img, then the model's x4 upscaler, as one job (4x --size)")
     gen.add_argument("--frames", type=int, metavar="N", help="txt2video: frames per video (default: the model's)")

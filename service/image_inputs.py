@@ -39,9 +39,11 @@ def gather(req: GenerateRequest, files: dict[str, bytes]) -> dict[str, bytes]:
     for field in raw:
         if field not in needed:
             raise invalid(field, f"task {req.task} takes no {field}")
-    for field in ("strength", "mask_blur", "noise_level"):
-        takes = {"strength": ("img2img",), "mask_blur": ("inpaint",), "noise_level": ("superres",)}[field]
-        if getattr(req, field) is not None and req.task not in takes and not (field == "noise_level" and req.upscale):
+    for field in ("strength", "mask_blur", "noise_level", "back_projection"):
+        takes = {"strength": ("img2img",), "mask_blur": ("inpaint",), "noise_level": ("superres",),
+                 "back_projection": ("superres",)}[field]
+        upscaled = field in ("noise_level", "back_projection") and req.upscale  # the second stage's
+        if getattr(req, field) is not None and req.task not in takes and not upscaled:
             raise invalid(field, f"{field} is for task {' / '.join(takes)}, not {req.task}")
     return raw
 
@@ -85,6 +87,7 @@ def complete(req: GenerateRequest, resolved: Resolved, pixels: dict[str, np.ndar
         r["mask_blur"] = req.mask_blur or 0
     if req.task == "superres":
         r["noise_level"] = 20 if req.noise_level is None else req.noise_level  # StableDiffusionUpscalePipeline's default
+        r["back_projection"] = req.back_projection is not False
     stored = {"image": to_png(image)}
     if mask is not None:
         stored["mask"] = to_png(mask)

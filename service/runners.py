@@ -282,6 +282,7 @@ def composite_inpaint(p: InpaintParams, pixels: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class SuperresParams(Txt2ImgParams):
     noise_level: int = 20
+    back_projection: bool = True
     images: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8 [n, H/4, W/4, 3]
 
 
@@ -293,7 +294,8 @@ def parse_superres(request: Any, model: LoadedModel, inputs: dict[str, bytes] | 
         images = np.stack([_image(inputs, f"image:{k}") for k in range(base.num_images)])
     else:
         images = base.repeated(_image(inputs, "image"))
-    params = _extend(SuperresParams, base, noise_level=_get(request, "noise_level", int, 20), images=images)
+    params = _extend(SuperresParams, base, noise_level=_get(request, "noise_level", int, 20), images=images,
+                     back_projection=bool(request.get("back_projection", True)))
     f = model.vae_scale_factor
     if params.images.shape[1:] != (params.height // f, params.width // f, 3):
         raise JobInputError("image", f"stored image is {params.images.shape[1:]}, the job "
@@ -307,6 +309,11 @@ def begin_superres(model: LoadedModel, jobs: list[SuperresParams]) -> list[list[
     """Each job's rows: its low-res image noised to its level, concatenated at every call."""
     return [superres.start_rows(model, superres.SuperresBatch(
         p.batch(), img2img.pixels_to_tensor(p.images), [p.noise_level] * p.num_images)) for p in jobs]
+
+
+def project_superres(p: SuperresParams, pixels: np.ndarray) -> np.ndarray:
+    """The outputs made to average back to their inputs (superres.back_project), unless asked not to."""
+    return superres.back_project(pixels, p.images) if p.back_projection else pixels
 
 
 @dataclass(frozen=True)
@@ -360,7 +367,8 @@ class Runner:
     parse: Callable[[Any, LoadedModel, dict[str, bytes]], Any]  # request, model, stored inputs -> typed params
     begin: Callable[[LoadedModel, list[Any]], list[list[Row]]]  # parsed params of jobs -> each one's rows at step 0
     finish: Callable[[LoadedModel, list[Row]], torch.Tensor]  # finished rows of one shape -> uint8 pixels
-    # A job's params and its decoded uint8 [n, H, W, 3] pixels -> what it returns (inpaint's compositing).
+    # A job's params and its decoded uint8 [n, H, W, 3] pixels -> what it returns (inpaint's
+    # compositing, superres's back-projection).
     composite: Callable[[Any, np.ndarray], np.ndarray] | None = None
     # A job's params, one image's (or video's) pixels, its seed and format -> the file stored.
     output: Callable[[Any, np.ndarray, int, str], StoredImage] = image_file
@@ -371,6 +379,6 @@ RUNNERS: dict[str, Runner] = {
     "txt2img": Runner(parse_txt2img, begin_txt2img, txt2img.finish),
     "img2img": Runner(parse_img2img, begin_img2img, txt2img.finish),
     "inpaint": Runner(parse_inpaint, begin_inpaint, txt2img.finish, composite_inpaint),
-    "superres": Runner(parse_superres, begin_superres, txt2img.finish),
+    "superres": Runner(parse_superres, begin_superres, txt2img.finish, project_superres),
     "txt2video": Runner(parse_txt2video, begin_txt2video, finish_txt2video, output=video_file),
 }

@@ -54,6 +54,10 @@ class GenerateRequest(BaseModel):
     mask_blur: int | None = Field(None, ge=0, le=64, description="inpaint: soft edge of the mask in pixels.")
     noise_level: int | None = Field(None, ge=0, le=350, description="superres: noise added to the low-resolution "
                                     "input (0-350, default 20, as diffusers' x4 upscaler).")
+    back_projection: bool | None = Field(None, description="superres (and upscale): make the output average back "
+                                         "to the input over each input pixel (iterative back-projection, 3 rounds): "
+                                         "colors and positions stay the input's. Default true; false gives exactly "
+                                         "diffusers' StableDiffusionUpscalePipeline's image.")
     upscale: bool = Field(False, description="txt2img: then upscale x4 with the model's upscaler (GET /v1/models: "
                           "`upscaler`), as one job: its images are the upscaled ones; progress counts both stages; "
                           "noise_level applies to the second stage.")

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -154,6 +155,14 @@ def test_superres_and_upscale_write_images_4x_the_input(url, media_worker, tmp_p
     assert job["task"] == "superres" and job["status"] == "succeeded"
     with Image.open(tmp_path / "big.png") as image:
         assert image.size == (96, 64)
+    for name, flags in (("kept", []), ("raw", ["--no-back-projection"])):  # the same seed, projected or not
+        done = cli("generate", "a blue square", "--task", "superres", "--model", "tiny-x4", "--image", str(small),
+                   "--steps", "3", "--seed", "5", *flags, "-o", str(tmp_path / f"{name}.png"), url=url)
+        assert done.returncode == 0, done.stderr
+    kept, raw = (np.asarray(Image.open(tmp_path / f"{name}.png")).astype(float) for name in ("kept", "raw"))
+    target = np.array([30, 120, 200])  # the input's one color: back-projection brings each 4x4 block's mean to it
+    errors = [float(np.abs(x.reshape(16, 4, 24, 4, 3).mean((1, 3)) - target).mean()) for x in (kept, raw)]
+    assert errors[0] < errors[1] / 4, errors  # (tiny-x4's noise clips at 0 and 255, so not exactly 0)
 
     up = tmp_path / "up.webp"  # txt2img on tiny-ldm, then its upscaler tiny-x4: one job
     done = cli("generate", "a red circle", "--model", "tiny-ldm", "--upscale", "--size", "32x48", "--steps", "3",

@@ -71,18 +71,37 @@ def test_superres_matches_the_diffusers_upscale_pipeline(model_id):
 
 # ------------------------------------------------------------------ through the service
 
+def test_back_projection_makes_outputs_average_back_to_their_inputs():
+    rng = random.Random(5)
+    truth = np.stack([render(random_scene(rng), (64, 64), rng) for _ in range(2)])
+    low = truth.reshape(2, 16, 4, 16, 4, 3).mean(axis=(2, 4)).round().astype(np.uint8)
+    kept = superres.back_project(truth, low).astype(int)  # consistent already (up to low's rounding): unchanged
+    assert np.abs(kept - truth).max() <= 1
+    off = np.clip(truth.astype(int) + 6, 0, 255).astype(np.uint8)  # a drifted background and shifted edges
+    off[:, :, 1:] = off[:, :, :-1].copy()
+    fixed = superres.back_project(off, low)
+    assert psnr(fixed, truth) > psnr(off, truth) + 2, (psnr(fixed, truth), psnr(off, truth))
+    averages = fixed.astype(float).reshape(2, 16, 4, 16, 4, 3).mean(axis=(2, 4))
+    assert np.abs(averages - low).mean() < 0.5
+
+
 def test_superres_through_the_service_equals_the_engine_tiled_or_not(api, start_worker, registry_path):
-    """A 16x16 input -> 64x64 in one window; a 64x64 input -> 256x256 in 3x3 windows of 128."""
+    """A 16x16 input -> 64x64 in one window; a 64x64 input -> 256x256 in 3x3 windows of 128;
+    back-projected by default, the pipeline's image with back_projection false."""
     start_worker("tiny-x4", "x4-plain")
     model = loader.load(load_registry(registry_path).get("tiny-x4"))
     for side in (16, 64):
         picture = low_res(1, side)[0]
-        job = generate(api, model="tiny-x4", task="superres", prompt="a green square", image=b64png(picture),
-                       seed=8, steps=6, noise_level=30).json()
-        assert job["status"] == "succeeded", job
-        assert job["images"][0]["width"] == job["images"][0]["height"] == 4 * side
-        direct = engine_run(model, picture[None], [ImageRequest("a green square", "", 8, 4.0)], 6, [30])[0]
-        assert np.abs(pixels_of(job) - direct).max() <= 2
+        direct = engine_run(model, picture[None], [ImageRequest("a green square", "", 8, 4.0)], 6, [30])
+        for projected in (True, False):
+            job = generate(api, model="tiny-x4", task="superres", prompt="a green square", image=b64png(picture),
+                           seed=8, steps=6, noise_level=30, **({} if projected else {"back_projection": False})).json()
+            assert job["status"] == "succeeded", job
+            assert job["images"][0]["width"] == job["images"][0]["height"] == 4 * side
+            expected = superres.back_project(direct, picture[None])[0] if projected else direct[0]
+            assert np.abs(pixels_of(job) - expected).max() <= 2, (side, projected)
+    response = generate(api, wait=False, model="tiny-ldm", prompt="a red circle", back_projection=True)
+    assert response.status_code == 422 and response.json()["error"]["field"] == "back_projection", response.text
 
 
 def test_upscale_chains_txt2img_and_x4_under_one_job(api, worker, start_worker):

@@ -1,5 +1,6 @@
 """Text to video: our sampler equals diffusers' AnimateDiffPipeline on random-weight motion
-adapters over tiny-ldm (eps) and shapes-ldm (v), same seeds (PSNR >= 40 dB per video); the
+adapters over tiny-ldm (eps) and shapes-ldm (v) and on the shipped shapes-video, same seeds
+(PSNR >= 40 dB per video); the
 clip renderer and its scorer; frames encoded to WebP / GIF / MP4 and decoded back."""
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ def random_video_model(image_model: str, path, seed: int = 0) -> None:
 def registry(tmp_path_factory):
     root = tmp_path_factory.mktemp("video")
     entries = []
+    paths = {"shapes-video": ROOT / "models" / "shapes-video"}  # the shipped model, beside random adapters
     for image_model in ("tiny-ldm", "shapes-ldm"):
         random_video_model(image_model, root / image_model)
-        entries.append({"id": image_model, "path": str(root / image_model), "family": "ldm", "tasks": ["txt2video"],
+        paths[image_model] = root / image_model
+    for image_model, path in paths.items():
+        entries.append({"id": image_model, "path": str(path), "family": "ldm", "tasks": ["txt2video"],
                         "defaults": {"sampler": "ddim", "steps": 8, "guidance_scale": 5.0, "width": 64, "height": 64,
                                      "num_frames": FRAMES},
                         "limits": {"size_multiple": 16, "max_frames": 32}})
@@ -72,7 +76,7 @@ def reference(spec, sampler: str, steps: int, videos: list[ImageRequest], **over
 
 
 @pytest.mark.parametrize("image_model,sampler,steps", [("tiny-ldm", "ddim", 10), ("tiny-ldm", "euler", 6),
-                                                       ("shapes-ldm", "ddim", 6)])
+                                                       ("shapes-ldm", "ddim", 6), ("shapes-video", "ddim", 6)])
 def test_video_matches_animatediff_pipeline(registry, image_model, sampler, steps):
     spec = registry.get(image_model)
     model = video.load(spec)
@@ -85,6 +89,17 @@ def test_video_matches_animatediff_pipeline(registry, image_model, sampler, step
         assert psnr(ours[k], ref[k]) >= 40, f"video {k}: {psnr(ours[k], ref[k]):.1f} dB"
     # Sensitive: frames out of order, or the other video, are clearly different.
     assert psnr(ours[0], ref[0][::-1]) < 30 and psnr(ours[0], ref[1]) < 30
+
+
+def test_shipped_video_model_stores_its_image_model_once():
+    """shapes-video's spatial UNet and VAE are shapes-ldm's files byte for byte (git keeps one
+    copy); its text encoder is shapes-ldm's plus the motion words."""
+    video_dir, image_dir = ROOT / "models" / "shapes-video", ROOT / "models" / "shapes-ldm"
+    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+        assert (video_dir / part).read_bytes() == (image_dir / part).read_bytes(), part
+    words = AutoTokenizer.from_pretrained(video_dir / "tokenizer").get_vocab()
+    image_words = AutoTokenizer.from_pretrained(image_dir / "tokenizer").get_vocab()
+    assert {w: words[w] for w in image_words} == image_words and {"moving", "still"} <= set(words)
 
 
 def test_the_temporal_layers_matter_and_videos_do_not_depend_on_batch_mates(registry):

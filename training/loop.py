@@ -40,7 +40,7 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
     elapsed = lambda: extra.get("elapsed_s", 0.0) + time.time() - started  # noqa: E731
     # Where and how it trained, for the exported training.json (the last run's settings).
     run_extra = lambda: {"elapsed_s": elapsed(), "device": args.device, "amp": args.amp,  # noqa: E731
-                         "batch": args.batch, "bank": args.bank}
+                         "batch": args.batch, "bank": args.bank, "lr": args.lr}
     stop = stop_on_signal()
     net.train()
     while step < args.steps and time.time() - started < args.minutes * 60 and not stop.is_set():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -221,11 +222,18 @@ def export(args) -> None:
     unet2d = UNet2DConditionModel.from_pretrained(args.image_model / "unet")
     adapter = mirror_adapter(unet2d.config, args.heads, args.max_frames)
     spatial = split(ema["unet"], args.image_model / "unet", adapter)
+    # the motion layers in fp16, as the image model's UNet (training.slim brings fp16 back anyway); the
+    # text encoder in fp32: transformers loads a model in its stored dtype, and AnimateDiffPipeline
+    # makes its latents in the text embeddings' dtype
     save_video_model(args.export, vae=AutoencoderKL.from_pretrained(args.image_model / "vae"),
-                     text_encoder=plain_text_encoder(ema["text_encoder"]), tokenizer=tokenizer, unet=spatial,
-                     motion_adapter=adapter, scheduler=DDIMScheduler.from_pretrained(args.image_model / "scheduler"))
+                     text_encoder=plain_text_encoder(ema["text_encoder"]), tokenizer=tokenizer,
+                     unet=spatial.half(), motion_adapter=adapter.half(),
+                     scheduler=DDIMScheduler.from_pretrained(args.image_model / "scheduler"))
+    # The frozen image model's own files, byte for byte: git stores them once for both models.
+    for shared in ("vae", *(() if args.joint else ("unet",))):
+        shutil.copytree(args.image_model / shared, args.export / shared, dirs_exist_ok=True)
     (args.export / "training.json").write_text(json.dumps({
-        "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "lr": args.lr,
+        "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "lr": extra.get("lr", args.lr),
         "image_model": str(args.image_model), "frames": args.frames, "max_frames": args.max_frames,
         "heads": args.heads, "joint": args.joint, "joint_lr_scale": args.joint_lr_scale if args.joint else None,
         "added_words": list(MOTION_WORDS), "device": extra.get("device", "cpu"), "amp": extra.get("amp", False),

@@ -157,7 +157,7 @@ def export(args) -> None:
     for shared in ("text_encoder", "tokenizer"):  # the frozen text model's own files: stored once in git
         shutil.copytree(args.text_model / shared, args.export / shared, dirs_exist_ok=True)
     (args.export / "training.json").write_text(json.dumps({
-        "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "lr": args.lr, "width": args.width,
+        "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "lr": extra.get("lr", args.lr), "width": args.width,
         "crop_latent": args.crop, "device": extra.get("device", "cpu"), "amp": extra.get("amp", False),
         "bank": extra.get("bank"), "batch": extra.get("batch", args.batch),
     }, indent=2))

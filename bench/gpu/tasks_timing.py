@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -72,7 +73,14 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    registry = load_registry(ROOT / "models" / "registry.json")
+    # the entries it borrows settings from, alone (the registry checks every model's directory)
+    entries = json.loads((ROOT / "models" / "registry.json").read_text())
+    entries["models"] = [m for m in entries["models"] if m["id"] in ("tiny-x4", "tiny-video")]
+    for m in entries["models"]:
+        m["path"] = str(ROOT / "models" / m["path"])
+    manifest = Path(tempfile.mkdtemp()) / "registry.json"
+    manifest.write_text(json.dumps({**entries, "default": "tiny-x4"}))
+    registry = load_registry(manifest)
     x4 = replace(registry.get("tiny-x4"), id="x4", path=args.x4.resolve(), tile=256)
     clip = registry.get("tiny-video")
     clip = replace(clip, id="video", path=args.video.resolve(),

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engines.model import LoadedModel
 from engines.noise import StackedGenerator
@@ -74,6 +76,27 @@ def start_rows(model: LoadedModel, job: SuperresBatch) -> list[Row]:
         rows.append(start(noise[k], schedule, image.sampler or job.batch.sampler, generators.generators[k],
                           image.eta, **conditions, guidance=guidance_of(model, image, schedule)))
     return rows
+
+
+BACK_PROJECTION_ROUNDS = 3
+
+
+@torch.inference_mode()
+def back_project(pixels: np.ndarray, low: np.ndarray, rounds: int = BACK_PROJECTION_ROUNDS) -> np.ndarray:
+    """Iterative back-projection (Irani & Peleg 1991): uint8 [B, H, W, 3] outputs corrected
+    `rounds` times by the bilinearly upsampled difference between the uint8 [B, h, w, 3] inputs
+    and the outputs' box averages over each input pixel's footprint, so that they average back
+    to the input, as a render at the low size is the box average of one at the high size. The
+    upscaler's sharp edges stay; what it cannot pin down from the input (a background one or
+    two levels off, an edge a pixel astray) is the input's again. Hand-written: diffusers'
+    pipelines have no such step (StableSR's and ComfyUI's color fixes match statistics only)."""
+    factor = pixels.shape[1] // low.shape[1]
+    x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float()
+    target = torch.from_numpy(low).permute(0, 3, 1, 2).float()
+    for _ in range(rounds):
+        error = target - F.avg_pool2d(x, factor)
+        x = x + F.interpolate(error, scale_factor=factor, mode="bilinear", align_corners=False)
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @torch.inference_mode()
