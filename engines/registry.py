@@ -77,8 +77,10 @@ class Limits:
     # The guidance modes a model takes: a distilled few-step model takes only "none".
     guidance_modes: tuple[str, ...] = ("cfg", "autoguidance", "apg", "none")
     # txt2video models: the most frames a video may have (at most the motion adapter's
-    # temporal position embeddings, motion_max_seq_length); 0 for image models.
+    # temporal position embeddings, motion_max_seq_length); 0 for image models. And the
+    # fewest: a motion adapter trained on one clip length may not move at shorter ones.
     max_frames: int = 0
+    min_frames: int = 1
 
 
 @dataclass(frozen=True)
@@ -196,9 +198,9 @@ def _check_video(model_id: str, path: Path, family: str, tasks: tuple[str, ...],
     if not 1 <= limits.max_frames <= positions:
         raise RegistryError(f"{model_id}: limits.max_frames must be in 1..{positions} (the adapter's "
                             f"motion_max_seq_length), got {limits.max_frames}")
-    if not 1 <= defaults.num_frames <= limits.max_frames:
-        raise RegistryError(f"{model_id}: defaults.num_frames must be in 1..{limits.max_frames}, "
-                            f"got {defaults.num_frames}")
+    if not 1 <= limits.min_frames <= defaults.num_frames <= limits.max_frames:
+        raise RegistryError(f"{model_id}: defaults.num_frames must be in {limits.min_frames}..{limits.max_frames} "
+                            f"(limits.min_frames >= 1), got {defaults.num_frames}")
 
 
 def load_registry(manifest: str | Path) -> Registry:

@@ -335,8 +335,8 @@ def parse_txt2video(request: Any, model: LoadedModel, inputs: dict[str, bytes] |
     base = parse_txt2img(request, model, formats=tuple(VIDEO_FORMATS))
     params = _extend(VideoParams, base, frames=_get(request, "num_frames", int), fps=_get(request, "fps", int, 8))
     # The registry keeps max_frames within the adapter's temporal position embeddings.
-    if not 1 <= params.frames <= model.spec.limits.max_frames:
-        raise JobInputError("num_frames", f"must be in 1..{model.spec.limits.max_frames}")
+    if not model.spec.limits.min_frames <= params.frames <= model.spec.limits.max_frames:
+        raise JobInputError("num_frames", f"must be in {model.spec.limits.min_frames}..{model.spec.limits.max_frames}")
     if not 1 <= params.fps <= 60:
         raise JobInputError("fps", "must be in 1..60")
     if request.get("preview"):  # service.previews projects image rows, not [C, F, h, w]

@@ -47,9 +47,9 @@ def outputs(req: GenerateRequest, spec: ModelSpec) -> dict:
     if req.preview:
         raise invalid("preview", "previews are for image tasks, not txt2video")
     frames = req.num_frames or spec.defaults.num_frames
-    if frames > spec.limits.max_frames:
-        raise invalid("num_frames", f"num_frames must be at most {spec.limits.max_frames} for model {spec.id}, "
-                                    f"got {frames}")
+    if not spec.limits.min_frames <= frames <= spec.limits.max_frames:
+        raise invalid("num_frames", f"num_frames must be in {spec.limits.min_frames}..{spec.limits.max_frames} "
+                                    f"for model {spec.id}, got {frames}")
     return {"output_format": fmt, "num_frames": frames, "fps": req.fps or DEFAULT_FPS}
 
 

@@ -105,8 +105,9 @@ def registry_path(tmp_path_factory) -> Path:
     tiny-mmdit / tiny-ldm / pair-mmdit (max_batch 2) (served by the shared worker), tiny-x4
     (tiny-ldm's upscaler, windows of 128 pixels; served by workers a test starts), slow-ldm
     and huge-ldm (sizes to 2048) (served only by workers a test starts itself), limited (never
-    served, max_queue 2), the shipped shapes-mmdit, and tiny-video and slow-video (txt2video,
-    up to 8 frames; max_batch 16: two 8-frame videos a call; served by workers a test starts)."""
+    served, max_queue 2), the shipped shapes-mmdit, tiny-video and slow-video (txt2video,
+    up to 8 frames; max_batch 16: two 8-frame videos a call; served by workers a test starts),
+    and, as shipped, shapes-mmdit-turbo, shapes-x4 and shapes-video."""
     path = tmp_path_factory.mktemp("registry") / "registry.json"
     models = [
         model_entry("tiny-mmdit", MODELS / "tiny-mmdit", "mmdit"),
@@ -126,7 +127,8 @@ def registry_path(tmp_path_factory) -> Path:
                     options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
         model_entry("shapes-mmdit-guide", MODELS / "shapes-mmdit-guide", "mmdit",
                     options={"t5_sequence_length": 0}, limits={"min_size": 64, "max_size": 64}),
-        {**SHIPPED["shapes-mmdit-turbo"], "path": str(MODELS / "shapes-mmdit-turbo")},  # as shipped
+        *({**SHIPPED[shipped], "path": str(MODELS / shipped)}  # as shipped
+          for shipped in ("shapes-mmdit-turbo", "shapes-x4", "shapes-video")),
         *(model_entry(video_id, MODELS / "tiny-video", "ldm", tasks=["txt2video"], max_batch=16,
                       defaults={"steps": 4, "num_frames": 4, "guidance_scale": 5.0}, limits={"max_frames": 8})
           for video_id in ("tiny-video", "slow-video")),

@@ -74,12 +74,12 @@ def score(clips: list[Clip], videos: np.ndarray) -> dict:
             "same_object_every_frame": rate(same)}
 
 
-def evaluate(model, n: int, frames: int, **sampling) -> dict:
+def evaluate(model, n: int, frames: int, clip_seed: int = 17, **sampling) -> dict:
     started = time.perf_counter()
-    clips = eval_clips(n)
+    clips = eval_clips(n, clip_seed)
     videos = generate(model, [describe_clip(c) for c in clips], frames, **sampling)
     d = model.spec.defaults
-    return {"n": n, "frames": frames, "size": f"{d.width}x{d.height}",
+    return {"n": n, "frames": frames, "size": f"{d.width}x{d.height}", "clip_seed": clip_seed,
             "sampling": {"sampler": sampling.get("sampler", d.sampler), "steps": sampling.get("steps", d.steps),
                          "guidance_scale": sampling.get("guidance_scale", d.guidance_scale)},
             "model": score(clips, videos),
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--registry", type=Path, default=ROOT / "models" / "registry.json")
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--frames", type=int, default=16)
+    parser.add_argument("--clip-seed", type=int, default=17, help="another seed: a tuning set apart from the scored one")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--out", type=Path, help="write the JSON result here")
@@ -103,7 +104,7 @@ def main() -> None:
 
     model = video.load(load_registry(args.registry).get(args.model))
     sampling = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale)) if v is not None}
-    result, videos = evaluate(model, args.n, args.frames, **sampling)
+    result, videos = evaluate(model, args.n, args.frames, args.clip_seed, **sampling)
     report({"model_id": args.model, **result}, args.out)
     if args.gif:
         write_grid_gif(videos[:8], args.gif)

@@ -14,16 +14,8 @@
 #     fp32 and bf16 (tests/device.py), measured errors in tests-<precision>.jsonl.
 #  3. after training, alone on the device: bench.turbo (teacher vs turbo settings, batch 1 and 8;
 #     the stand-in at 512x512).
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-DEVICE=${DEVICE:-cuda}
-OUT=${OUT:-/tmp/gpu-out}
-WORK=${WORK:-/tmp/gpu-work}
-QUICK=${QUICK:-}
-PY=${PY:-python3}
+source bench/gpu/common.sh  # settings (DEVICE, OUT, WORK, QUICK, PY), wheels, env.txt, stamp
 TRAIN_S=${TRAIN_S:-330}     # wall-clock for the trainers, synthesis and banks included
-mkdir -p "$OUT" "$WORK"
-source bench/gpu/common.sh  # wheels, env.txt (in $OUT), stamp
 cp "$OUT/env.txt" "$WORK/env.txt"
 
 if [ -n "$QUICK" ]; then

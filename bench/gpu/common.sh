@@ -1,5 +1,14 @@
-# Shared by the prepared GPU scripts: the carried wheels installed beside the host's packages,
-# a record of the host, and a timestamp helper. Needs DEVICE, OUT, WORK, PY.
+# Shared by the prepared GPU scripts: their settings (each overridable from the environment),
+# the carried wheels installed beside the host's packages, a record of the host, and a
+# timestamp helper.
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+DEVICE=${DEVICE:-cuda}
+OUT=${OUT:-/tmp/gpu-out}
+WORK=${WORK:-/tmp/gpu-work}
+QUICK=${QUICK:-}
+PY=${PY:-python3}
+mkdir -p "$OUT" "$WORK"
 started=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - started ))s] $*"; }
 

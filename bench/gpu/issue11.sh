@@ -9,17 +9,9 @@
 #
 #   OUT=/tmp/gpu-out bash bench/gpu/issue11.sh                      # on the GPU host
 #   DEVICE=cpu QUICK=1 OUT=/tmp/gpu-dry bash bench/gpu/issue11.sh   # a dry run of every stage on a CPU
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-DEVICE=${DEVICE:-cuda}
-OUT=${OUT:-/tmp/gpu-out}
-WORK=${WORK:-/tmp/gpu-work}
-QUICK=${QUICK:-}
-PY=${PY:-python3}
+source bench/gpu/common.sh  # settings (DEVICE, OUT, WORK, QUICK, PY), wheels, env.txt, stamp
 TRAIN_S=${TRAIN_S:-360}     # wall-clock for both trainers, banks included
 TIMING_S=${TIMING_S:-150}
-mkdir -p "$OUT" "$WORK"
-source bench/gpu/common.sh  # wheels, env.txt (in $OUT), stamp
 if [ -n "$QUICK" ]; then
   TRAIN_S=40
   X4="--bank 64 --batch 4"; VIDEO="--bank 16 --batch 2 --frames 4"; TIMING="--repeats 1 --cpu-repeats 1 --x4-steps 2 --video-steps 2 --frames 4"

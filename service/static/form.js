@@ -73,7 +73,7 @@ export class SettingsForm {
     limitInput(this.el("num_images"), { min: 1, max: lim.max_images, step: 1, value: 1 });
     if (lim.max_frames) {
       const frames = d.num_frames || lim.max_frames;
-      limitInput(this.el("num_frames"), { min: 1, max: lim.max_frames, step: 1, value: frames });
+      limitInput(this.el("num_frames"), { min: lim.min_frames || 1, max: lim.max_frames, step: 1, value: frames });
     }
     options(this.el("sampler"), Object.keys(m.samplers), d.sampler);
     const modes = (lim.guidance_modes || ["cfg", "autoguidance", "apg", "none"])
