@@ -26,8 +26,9 @@ def free_port() -> int:
 
 
 class Stack:
-    def __init__(self, models: list[str], worker_env: dict[str, str], log_dir: Path):
+    def __init__(self, models: list[str], worker_env: dict[str, str], log_dir: Path, ready_timeout_s: float = 180):
         self.dir = Path(tempfile.mkdtemp(prefix="latentserve-load-"))
+        self.models = list(models)
         self.log_dir = log_dir
         self.redis_port, self.api_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.api_port}"
@@ -42,7 +43,7 @@ class Stack:
             self._wait(lambda: _redis_up(self.redis_port), "redis")
             self.procs.append(self._spawn("api", [sys.executable, "-m", "service.api"], base))
             self.procs.append(self._spawn("worker", [sys.executable, "-m", "service.worker"], {**base, **worker_env}))
-            self._wait(self._ready, "the API and a live worker")
+            self._wait(self._ready, "the API and a live worker", ready_timeout_s)  # loading + warm-up
         except BaseException:  # a stack that never came up leaves no processes behind
             self.close()
             raise
@@ -52,10 +53,14 @@ class Stack:
         return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
     def _ready(self) -> bool:
+        """Every model the stack serves has a live worker (/readyz asks for the default model's
+        only, which a stack serving other models never has)."""
         try:
-            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
+            listed = httpx.get(self.url + "/v1/models", timeout=2).json()["models"]
+        except (httpx.HTTPError, ValueError, KeyError):
             return False
+        live = {m["id"] for m in listed if m.get("live_workers", 0) > 0}
+        return set(self.models) <= live
 
     def _wait(self, ready, what: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
