@@ -178,7 +178,11 @@ def read_clip(frames: np.ndarray) -> ClipReading:
 
 def score_clip(frames: np.ndarray, clip: Clip) -> dict[str, bool]:
     """Per attribute, whether the clip shows what `clip` asks (color, shape, size by majority of frames)."""
-    reading = read_clip(frames)
+    return score_reading(read_clip(frames), clip)
+
+
+def score_reading(reading: ClipReading, clip: Clip) -> dict[str, bool]:
+    """score_clip over a clip already read."""
     out = {attr: reading.majority(attr) == getattr(clip.obj, attr) for attr in ("color", "shape", "size")}
     backgrounds = [d.background for d in reading.frames]
     out["background"] = max(set(backgrounds), key=backgrounds.count) == clip.background

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.clips import DIRECTIONS, Clip, describe_clip, random_clip, read_clip, render_clip
+from training.clips import DIRECTIONS, Clip, describe_clip, random_clip, read_clip, render_clip, score_reading
 from training.evaluate import ROOT, report
 
 MIN_TRAVEL = 0.25  # a moving clip counts only if its object travels this far (fraction of the frame)
@@ -55,17 +55,16 @@ def score(clips: list[Clip], videos: np.ndarray) -> dict:
         reading = read_clip(frames)
         frame_ok += [bool(d.objects) and (d.objects[0].color, d.objects[0].shape) == (clip.obj.color, clip.obj.shape)
                      for d in reading.frames]
-        for attr in ("color", "shape", "size"):
-            majority[attr].append(reading.majority(attr) == getattr(clip.obj, attr))
-        backgrounds = [d.background for d in reading.frames]
-        majority["background"].append(max(set(backgrounds), key=backgrounds.count) == clip.background)
+        scored = score_reading(reading, clip)
+        for attr in majority:
+            majority[attr].append(scored[attr])
         if clip.motion == "still":
             still.append(reading.motion == "still")
         else:
             dx, dy = reading.displacement
             along = dx * DIRECTIONS[clip.motion][0] + dy * DIRECTIONS[clip.motion][1]
             moving.append(reading.motion == clip.motion and along >= MIN_TRAVEL)
-        same.append(reading.consistent)
+        same.append(scored["consistent"])
     rate = lambda xs: round(float(np.mean(xs)), 4) if xs else None  # noqa: E731
     return {"per_frame_color_and_shape": rate(frame_ok),
             "clip_majority": {k: rate(v) for k, v in majority.items()},
