@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from service.schemas import GenerateRequest
+from service.schemas import DEFAULT_NOISE_LEVEL, GenerateRequest
 from service.uploads import UploadLimits, decode, from_base64, to_png
 from service.validation import Resolved, invalid
 
@@ -86,7 +86,7 @@ def complete(req: GenerateRequest, resolved: Resolved, pixels: dict[str, np.ndar
     if req.task == "inpaint":
         r["mask_blur"] = req.mask_blur or 0
     if req.task == "superres":
-        r["noise_level"] = 20 if req.noise_level is None else req.noise_level  # StableDiffusionUpscalePipeline's default
+        r["noise_level"] = DEFAULT_NOISE_LEVEL if req.noise_level is None else req.noise_level
         r["back_projection"] = req.back_projection is not False
     stored = {"image": to_png(image)}
     if mask is not None:

@@ -31,6 +31,7 @@ from service.cost import network_rows
 from service.media import encode_image
 from service.queue import StoredImage
 from service.scheduler import PRIORITIES
+from service.schemas import DEFAULT_NOISE_LEVEL
 from service.uploads import from_png
 from service.video_media import VIDEO_FORMATS, encode_video
 
@@ -281,7 +282,7 @@ def composite_inpaint(p: InpaintParams, pixels: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class SuperresParams(Txt2ImgParams):
-    noise_level: int = 20
+    noise_level: int = DEFAULT_NOISE_LEVEL
     back_projection: bool = True
     images: np.ndarray | None = field(default=None, compare=False, repr=False)  # uint8 [n, H/4, W/4, 3]
 
@@ -294,7 +295,7 @@ def parse_superres(request: Any, model: LoadedModel, inputs: dict[str, bytes] | 
         images = np.stack([_image(inputs, f"image:{k}") for k in range(base.num_images)])
     else:
         images = base.repeated(_image(inputs, "image"))
-    params = _extend(SuperresParams, base, noise_level=_get(request, "noise_level", int, 20), images=images,
+    params = _extend(SuperresParams, base, noise_level=_get(request, "noise_level", int, DEFAULT_NOISE_LEVEL), images=images,
                      back_projection=bool(request.get("back_projection", True)))
     f = model.vae_scale_factor
     if params.images.shape[1:] != (params.height // f, params.width // f, 3):

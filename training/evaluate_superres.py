@@ -7,7 +7,9 @@ render at the low size is): the model upscales the low-res image, captioned as t
 captions its scenes. Reported:
 - PSNR of the upscaled image against the ground-truth render, as the service returns it
   (back-projected onto the input: engines.tasks.superres.back_project) and the model's alone
-  (diffusers' pipeline's image), beside bicubic upscaling's, plain and back-projected;
+  (diffusers' pipeline's image), beside bicubic upscaling's, plain and back-projected, and
+  each one's gradient energy against the render's (above 1: edges or mottling the render has
+  not; below 1: blur);
 - agreement: the scorer's (color, shape) of every object read at the output size equals what
   it reads from the low-res input (the upscaler keeps the scene);
 - tiling: 128x128 -> 512x512 scenes denoised in windows (the model's registry `tile`) and
@@ -24,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from engines.tasks.superres import BACK_PROJECTION_ROUNDS, back_project
+from service.schemas import DEFAULT_NOISE_LEVEL
 from training.evaluate import ROOT, report
 from training.evaluate_tasks import psnr
 from training.scorer import score_image
@@ -54,7 +58,8 @@ def bicubic(images: np.ndarray) -> np.ndarray:
                      for i in images])
 
 
-def upscale(model, low: np.ndarray, captions: list[str], batch: int = 8, seed: int = 1000) -> np.ndarray:
+def upscale(model, low: np.ndarray, captions: list[str], batch: int = 8, seed: int = 1000,
+            noise_level: int = DEFAULT_NOISE_LEVEL) -> np.ndarray:
     from engines.tasks import img2img, superres
     from engines.tasks.txt2img import ImageRequest, Txt2ImgBatch
 
@@ -65,31 +70,41 @@ def upscale(model, low: np.ndarray, captions: list[str], batch: int = 8, seed: i
         requests = [ImageRequest(c, "", seed + i + k, d.guidance_scale, d.sampler, d.steps)
                     for k, c in enumerate(captions[i:i + batch])]
         job = superres.SuperresBatch(Txt2ImgBatch(chunk.shape[2] * 4, chunk.shape[1] * 4, d.sampler, d.steps, requests),
-                                     img2img.pixels_to_tensor(chunk), [20] * len(chunk))
+                                     img2img.pixels_to_tensor(chunk), [noise_level] * len(chunk))
         out.append(superres.run(model, job).numpy())
     return np.concatenate(out)
+
+
+def gradient_energy(images: np.ndarray, truth: np.ndarray) -> float:
+    """Mean Sobel gradient magnitude over the truth's (mean over images): above 1, the images
+    carry edges or mottling the render has not; below 1, they are blurred."""
+    def magnitude(x: np.ndarray) -> float:
+        gray = x.astype(np.float32).mean(-1)
+        return float(np.hypot(ndimage.sobel(gray, 0), ndimage.sobel(gray, 1)).mean())
+    return float(np.mean([magnitude(o) / magnitude(t) for o, t in zip(images, truth)]))
 
 
 def objects(image: np.ndarray) -> list[tuple[str, str]]:
     return sorted((o.color, o.shape) for o in score_image(image, 2).objects)
 
 
-def evaluate(model, n: int, n_tiled: int) -> dict:
+def evaluate(model, n: int, n_tiled: int, scene_seed: int = 41, noise_level: int = DEFAULT_NOISE_LEVEL) -> dict:
     started = time.perf_counter()
-    truth, captions = scenes(n, model.spec.defaults.width)
+    truth, captions = scenes(n, model.spec.defaults.width, scene_seed)
     low = downsample(truth)
-    model_only, cubic = upscale(model, low, captions), bicubic(low)
+    model_only, cubic = upscale(model, low, captions, noise_level=noise_level), bicubic(low)
     ours = back_project(model_only, low)  # what the service returns by default
     rows = {"ours": ours, "model_alone": model_only, "bicubic": cubic, "bicubic_back_projected": back_project(cubic, low)}
     db = {name: [psnr(o, t) for o, t in zip(images, truth)] for name, images in rows.items()}
     agree = [objects(o) == objects(lo) for o, lo in zip(ours, low)]
     result = {
-        "n": n, "size": f"{low.shape[2]}x{low.shape[1]} -> {truth.shape[2]}x{truth.shape[1]}",
+        "n": n, "scene_seed": scene_seed, "size": f"{low.shape[2]}x{low.shape[1]} -> {truth.shape[2]}x{truth.shape[1]}",
         "psnr_db": {**{f"{name}_mean": round(float(np.mean(v)), 2) for name, v in db.items()},
                     **{f"{name}_median": round(float(np.median(v)), 2) for name, v in db.items()}},
+        "gradient_energy_vs_truth": {name: round(gradient_energy(images, truth), 3) for name, images in rows.items()},
         "scorer_agrees_with_low_res": round(float(np.mean(agree)), 4),
         "sampling": {"sampler": model.spec.defaults.sampler, "steps": model.spec.defaults.steps,
-                     "guidance_scale": model.spec.defaults.guidance_scale, "noise_level": 20,
+                     "guidance_scale": model.spec.defaults.guidance_scale, "noise_level": noise_level,
                      "back_projection_rounds": BACK_PROJECTION_ROUNDS},
     }
     mean = result["psnr_db"]
@@ -98,9 +113,9 @@ def evaluate(model, n: int, n_tiled: int) -> dict:
     if n_tiled and model.spec.tile:
         big, big_captions = scenes(n_tiled, 512, seed=43)
         big_low = downsample(big)
-        tiled = back_project(upscale(model, big_low, big_captions, batch=2), big_low)
-        whole = back_project(upscale(replace(model, spec=replace(model.spec, tile=0)), big_low, big_captions, batch=2),
-                             big_low)
+        tiled = back_project(upscale(model, big_low, big_captions, batch=2, noise_level=noise_level), big_low)
+        untiled = replace(model, spec=replace(model.spec, tile=0))
+        whole = back_project(upscale(untiled, big_low, big_captions, batch=2, noise_level=noise_level), big_low)
         t_db = float(np.mean([psnr(o, t) for o, t in zip(tiled, big)]))
         u_db = float(np.mean([psnr(o, t) for o, t in zip(whole, big)]))
         result["tiling"] = {"n": n_tiled, "size": "128x128 -> 512x512", "tile": model.spec.tile,
@@ -116,13 +131,18 @@ def main() -> None:
     parser.add_argument("--registry", type=Path, default=ROOT / "models" / "registry.json")
     parser.add_argument("--n", type=int, default=128)
     parser.add_argument("--n-tiled", type=int, default=16, help="128x128 -> 512x512 scenes, tiled and untiled")
+    parser.add_argument("--scene-seed", type=int, default=41, help="another seed: a tuning set apart from the scored one")
+    parser.add_argument("--steps", type=int, help="instead of the model's default")
+    parser.add_argument("--noise-level", type=int, default=DEFAULT_NOISE_LEVEL)
     parser.add_argument("--out", type=Path, help="write the JSON result here")
     args = parser.parse_args()
     from engines import loader
     from engines.registry import load_registry
 
-    model = loader.load(load_registry(args.registry).get(args.model))
-    result = {"model": args.model, **evaluate(model, args.n, args.n_tiled)}
+    spec = load_registry(args.registry).get(args.model)
+    if args.steps:
+        spec = replace(spec, defaults=replace(spec.defaults, steps=args.steps))
+    result = {"model": args.model, **evaluate(loader.load(spec), args.n, args.n_tiled, args.scene_seed, args.noise_level)}
     report(result, args.out)
 
 
