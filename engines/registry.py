@@ -49,6 +49,10 @@ class RegistryError(ValueError):
     """The manifest is malformed or names something that does not exist."""
 
 
+# superres: the noise added to the low-res input when a request names none (StableDiffusionUpscalePipeline's)
+DEFAULT_NOISE_LEVEL = 20
+
+
 @dataclass(frozen=True)
 class Defaults:
     sampler: str

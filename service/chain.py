@@ -13,7 +13,8 @@ Progress counts both stages' steps.
 from __future__ import annotations
 
 from service.queue import Advance, Job, StoredImage
-from service.schemas import DEFAULT_NOISE_LEVEL, GenerateRequest
+from engines.registry import DEFAULT_NOISE_LEVEL
+from service.schemas import GenerateRequest
 from service.validation import Resolved, invalid, resolve
 
 UPSCALE = 4

@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from service.schemas import DEFAULT_NOISE_LEVEL, GenerateRequest
+from engines.registry import DEFAULT_NOISE_LEVEL
+from service.schemas import GenerateRequest
 from service.uploads import UploadLimits, decode, from_base64, to_png
 from service.validation import Resolved, invalid
 

@@ -24,6 +24,7 @@ import torch
 
 from engines.guidance import MODES
 from engines.model import LoadedModel
+from engines.registry import DEFAULT_NOISE_LEVEL
 from engines.sampler_catalog import CATALOG
 from engines.sampling import Row
 from engines.tasks import img2img, inpaint, superres, txt2img, video
@@ -31,7 +32,6 @@ from service.cost import network_rows
 from service.media import encode_image
 from service.queue import StoredImage
 from service.scheduler import PRIORITIES
-from service.schemas import DEFAULT_NOISE_LEVEL
 from service.uploads import from_png
 from service.video_media import VIDEO_FORMATS, encode_video
 

@@ -9,8 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field
 Task = Literal["txt2img", "img2img", "inpaint", "superres", "txt2video"]
 
 
-DEFAULT_NOISE_LEVEL = 20  # superres: StableDiffusionUpscalePipeline's default
-
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 

@@ -28,8 +28,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from engines.registry import DEFAULT_NOISE_LEVEL
 from engines.tasks.superres import BACK_PROJECTION_ROUNDS, back_project
-from service.schemas import DEFAULT_NOISE_LEVEL
 from training.evaluate import ROOT, report
 from training.evaluate_tasks import psnr
 from training.scorer import score_image
