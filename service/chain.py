@@ -12,8 +12,8 @@ Progress counts both stages' steps.
 
 from __future__ import annotations
 
+from service.image_inputs import superres_fields
 from service.queue import Advance, Job, StoredImage
-from engines.registry import DEFAULT_NOISE_LEVEL
 from service.schemas import GenerateRequest
 from service.validation import Resolved, invalid, resolve
 
@@ -39,8 +39,7 @@ def plan_upscale(body: GenerateRequest, resolved: Resolved, registry) -> None:
         message = getattr(exc, "message", str(exc))
         raise invalid("upscale", f"the {spec.upscaler} stage refuses it: {message}") from None
     request = stage2.request
-    request["noise_level"] = DEFAULT_NOISE_LEVEL if body.noise_level is None else body.noise_level
-    request["back_projection"] = body.back_projection is not False
+    request.update(superres_fields(body))
     request["inputs"] = [f"image:{k}" for k in range(body.num_images)]
     request["stage_offset"] = r["steps"]  # progress counts on from stage 1's steps
     request["first_stage"] = {"model": spec.id, "task": body.task}

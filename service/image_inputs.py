@@ -60,6 +60,13 @@ def image_size(pixels: dict[str, np.ndarray], task: str = "img2img") -> tuple[in
     return None if image is None else (image.shape[1] * f, image.shape[0] * f)
 
 
+def superres_fields(req: GenerateRequest) -> dict:
+    """A superres job's fields with their defaults (a superres request's, or an upscale chain's
+    second stage)."""
+    return {"noise_level": DEFAULT_NOISE_LEVEL if req.noise_level is None else req.noise_level,
+            "back_projection": req.back_projection is not False}
+
+
 def complete(req: GenerateRequest, resolved: Resolved, pixels: dict[str, np.ndarray]) -> dict[str, bytes]:
     """Check and fit the inputs to the resolved job; fill the task's fields; the PNGs to store."""
     if not pixels:
@@ -87,8 +94,7 @@ def complete(req: GenerateRequest, resolved: Resolved, pixels: dict[str, np.ndar
     if req.task == "inpaint":
         r["mask_blur"] = req.mask_blur or 0
     if req.task == "superres":
-        r["noise_level"] = DEFAULT_NOISE_LEVEL if req.noise_level is None else req.noise_level
-        r["back_projection"] = req.back_projection is not False
+        r.update(superres_fields(req))
     stored = {"image": to_png(image)}
     if mask is not None:
         stored["mask"] = to_png(mask)

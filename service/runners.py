@@ -295,7 +295,8 @@ def parse_superres(request: Any, model: LoadedModel, inputs: dict[str, bytes] | 
         images = np.stack([_image(inputs, f"image:{k}") for k in range(base.num_images)])
     else:
         images = base.repeated(_image(inputs, "image"))
-    params = _extend(SuperresParams, base, noise_level=_get(request, "noise_level", int, DEFAULT_NOISE_LEVEL), images=images,
+    noise_level = _get(request, "noise_level", int, DEFAULT_NOISE_LEVEL)
+    params = _extend(SuperresParams, base, noise_level=noise_level, images=images,
                      back_projection=bool(request.get("back_projection", True)))
     f = model.vae_scale_factor
     if params.images.shape[1:] != (params.height // f, params.width // f, 3):
