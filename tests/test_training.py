@@ -198,7 +198,11 @@ def test_video_trainer_smoke_trains_motion_only_and_exports_an_animatediff_model
     training = json.loads((tmp_path / "model" / "training.json").read_text())
     assert training["step"] == 3 and training["frames"] == 4 and not training["joint"]
     later = [a if a != str(tmp_path / "run") else str(tmp_path / "run2") for a in common]
-    assert "initialised from" in run(*later, "--steps", "1", "--joint", "--init-model", str(tmp_path / "model"))
+    assert "initialised from" in run(*later, "--steps", "2", "--joint", "--init-model", str(tmp_path / "model"),
+                                     "--min-frames", "2", "--short-bank", "4")
+    for frames in (2, 3):  # a bank per shorter length, rendered at that length
+        bank = torch.load(tmp_path / "run2" / f"bank-{frames}.pt", weights_only=False)
+        assert bank["latents"].shape[:3] == (4, 4, frames) and len(bank["captions"]) == 4
 
     from diffusers import AnimateDiffPipeline, UNet2DConditionModel
 

@@ -14,6 +14,7 @@ only their embeddings train (textual inversion, Gal et al. 2022): every image pr
 exactly as before.
 
     python -m training.train_video --out runs/shapes-video --frames 16 --batch 8 --minutes 240
+    python -m training.train_video ... --min-frames 8   # also 8..15-frame clips (half the batches)
     python -m training.train_video --out runs/shapes-video --export models/shapes-video
 
 The export loads in diffusers' AnimateDiffPipeline: the image model's layout (unet/ the spatial
@@ -143,16 +144,26 @@ def build_clip_bank(vae_dir: Path, n: int, frames: int, seed: int = 1, chunk: in
     return {"latents": latents.contiguous(), "captions": captions, "frames": frames}
 
 
-def load_or_build_bank(args) -> dict:
-    path = args.out / "bank.pt"
+def load_or_build_bank(args, frames: int, n: int, name: str = "bank.pt", seed: int = 1) -> dict:
+    path = args.out / name
     if path.exists():
         bank = torch.load(path, weights_only=False)
-        if len(bank["captions"]) >= args.bank and bank["frames"] == args.frames:
+        if len(bank["captions"]) >= n and bank["frames"] == frames:
             return bank
-    bank = build_clip_bank(args.vae or args.image_model / "vae", args.bank, args.frames, device=args.device)
+    bank = build_clip_bank(args.vae or args.image_model / "vae", n, frames, seed=seed, device=args.device)
     torch.save(bank, path)
-    print(f"bank: {args.bank} clips of {args.frames} frames", flush=True)
+    print(f"bank: {n} clips of {frames} frames", flush=True)
     return bank
+
+
+def clip_banks(args) -> dict[int, dict]:
+    """{frames: bank}: --bank clips of --frames, and --short-bank clips of each shorter length
+    from --min-frames (each rendered at its length, so a clip makes its whole path in however
+    many frames it has: the speed a user asking for fewer frames gets)."""
+    banks = {args.frames: load_or_build_bank(args, args.frames, args.bank)}
+    for frames in range(args.min_frames or args.frames, args.frames):
+        banks[frames] = load_or_build_bank(args, frames, args.short_bank, f"bank-{frames}.pt", seed=100 + frames)
+    return banks
 
 
 def train(args) -> None:
@@ -161,14 +172,16 @@ def train(args) -> None:
     tokenizer, net = build(args)
     trained = sum(p.numel() for group in net.param_groups() for p in group["params"])
     print(f"video: {trained / 1e6:.3f}M parameters train (joint: {args.joint})", flush=True)
-    bank = load_or_build_bank(args)
-    latents, captions = bank["latents"].float().to(args.device), bank["captions"]
+    banks = {frames: (bank["latents"].float().to(args.device), bank["captions"]) for frames, bank in clip_banks(args).items()}
+    shorter = sorted(set(banks) - {args.frames})
     config = json.loads((args.image_model / "scheduler" / "scheduler_config.json").read_text())
     alphas = vp_alphas_cumprod(config).to(args.device)
     v_prediction = config.get("prediction_type") == "v_prediction"
-    frames = latents.shape[2]
 
     def loss_on_batch(rng: random.Random) -> torch.Tensor:
+        # one length per batch: --frames for half of them, a shorter one for the rest
+        frames = rng.choice(shorter) if shorter and rng.random() < 0.5 else args.frames
+        latents, captions = banks[frames]
         idx = [rng.randrange(len(captions)) for _ in range(args.batch)]
         texts = [captions[i] if rng.random() >= args.drop else "" for i in idx]
         cond = encode_ldm(tokenizer, text_engine(net["text_encoder"], pooled=False), texts)
@@ -234,7 +247,8 @@ def export(args) -> None:
         shutil.copytree(args.image_model / shared, args.export / shared, dirs_exist_ok=True)
     (args.export / "training.json").write_text(json.dumps({
         "step": step, "elapsed_s": extra.get("elapsed_s"), "seed": args.seed, "lr": extra.get("lr", args.lr),
-        "image_model": str(args.image_model), "frames": args.frames, "max_frames": args.max_frames,
+        "image_model": str(args.image_model), "frames": args.frames,
+        "min_frames": args.min_frames or args.frames, "max_frames": args.max_frames,
         "heads": args.heads, "joint": args.joint, "joint_lr_scale": args.joint_lr_scale if args.joint else None,
         "added_words": list(MOTION_WORDS), "device": extra.get("device", "cpu"), "amp": extra.get("amp", False),
         "bank": extra.get("bank"), "batch": extra.get("batch", args.batch),
@@ -247,6 +261,9 @@ def main() -> None:
     parser.add_argument("--image-model", type=Path, default=Path("models/shapes-ldm"),
                         help="the frozen image model (tokenizer, text encoder, UNet, VAE, scheduler)")
     parser.add_argument("--frames", type=int, default=16, help="frames per training clip")
+    parser.add_argument("--min-frames", type=int, help="also train on every shorter length down to this "
+                        "(half the batches, one length each); default: --frames only")
+    parser.add_argument("--short-bank", type=int, default=500, help="clips per shorter length")
     parser.add_argument("--max-frames", type=int, default=32, help="the temporal position embeddings' length")
     parser.add_argument("--heads", type=int, default=4, help="temporal attention heads per motion module")
     parser.add_argument("--joint", action="store_true", help="also fine-tune the spatial layers")
@@ -255,6 +272,8 @@ def main() -> None:
     args = parse(parser)
     if args.frames > args.max_frames:
         parser.error("--frames exceeds --max-frames")
+    if args.min_frames is not None and not 1 <= args.min_frames <= args.frames:
+        parser.error("--min-frames must be in 1..--frames")
     export(args) if args.export else train(args)
 
 
