@@ -5,7 +5,9 @@ asked through the running service."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
+import subprocess
 
 import numpy as np
 import pytest
@@ -17,6 +19,17 @@ from training.scorer import score_image
 from tests.conftest import free_port, generate
 
 MODELS = ROOT / "models"
+
+
+def test_the_shipped_family_stays_within_100_mb_with_shared_files_stored_once():
+    """What git stores for models/: each distinct file once (shapes-video's VAE is shapes-ldm's
+    bytes, so it counts once), at most 100 MB in all."""
+    tracked = subprocess.run(["git", "ls-files", "-z", "models"], cwd=ROOT, capture_output=True, check=True).stdout
+    sizes = {}
+    for name in filter(None, tracked.decode().split("\0")):
+        data = (ROOT / name).read_bytes()
+        sizes[hashlib.sha256(data).hexdigest()] = len(data)
+    assert len(sizes) > 50 and sum(sizes.values()) <= 100_000_000, sum(sizes.values())
 
 
 def test_scorer_reads_shapes_vae_reconstructions_at_least_99_percent():

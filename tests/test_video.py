@@ -92,11 +92,15 @@ def test_video_matches_animatediff_pipeline(registry, image_model, sampler, step
 
 
 def test_shipped_video_model_stores_its_image_model_once():
-    """shapes-video's spatial UNet and VAE are shapes-ldm's files byte for byte (git keeps one
-    copy); its text encoder is shapes-ldm's plus the motion words."""
+    """shapes-video's VAE is shapes-ldm's file byte for byte (git keeps one copy), and so is its
+    spatial UNet exactly when training.json says the spatial layers stayed frozen (no `joint`);
+    its text encoder is shapes-ldm's plus the motion words."""
     video_dir, image_dir = ROOT / "models" / "shapes-video", ROOT / "models" / "shapes-ldm"
-    for part in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
-        assert (video_dir / part).read_bytes() == (image_dir / part).read_bytes(), part
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert (video_dir / vae).read_bytes() == (image_dir / vae).read_bytes()
+    joint = json.loads((video_dir / "training.json").read_text())["joint"]
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert ((video_dir / unet).read_bytes() == (image_dir / unet).read_bytes()) is not joint
     words = AutoTokenizer.from_pretrained(video_dir / "tokenizer").get_vocab()
     image_words = AutoTokenizer.from_pretrained(image_dir / "tokenizer").get_vocab()
     assert {w: words[w] for w in image_words} == image_words and {"moving", "still"} <= set(words)
