@@ -51,8 +51,11 @@ def cli(*args: str, url: str | None = None, timeout: float = 120, **extra_env) -
 
 def start_cli(*args: str, url: str) -> tuple[subprocess.Popen, str]:
     """The CLI running in the background; returns it with its job's id (from its stderr)."""
+    # SIGINT as a terminal delivers it: a shell starting a background job without job
+    # control makes it ignore SIGINT, which the CLI (as Python) would inherit, and Ctrl+C
+    # would then do nothing (CI run as `bash .ci/run &` failed the Ctrl+C test so)
     proc = subprocess.Popen([str(CLI), *args, "--url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env())
+                            text=True, env=env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stderr.readline()
     found = re.match(r"latentserve: job ([0-9a-f]+) queued", first)
     assert found, first + proc.stderr.read()
