@@ -199,7 +199,7 @@ def test_video_trainer_smoke_trains_motion_only_and_exports_an_animatediff_model
     assert training["step"] == 3 and training["frames"] == 4 and not training["joint"]
     later = [a if a != str(tmp_path / "run") else str(tmp_path / "run2") for a in common]
     assert "initialised from" in run(*later, "--steps", "2", "--joint", "--init-model", str(tmp_path / "model"),
-                                     "--min-frames", "2", "--short-bank", "4")
+                                     "--min-frames", "2", "--short-bank", "4", "--object-weight", "5")
     for frames in (2, 3):  # a bank per shorter length, rendered at that length
         bank = torch.load(tmp_path / "run2" / f"bank-{frames}.pt", weights_only=False)
         assert bank["latents"].shape[:3] == (4, 4, frames) and len(bank["captions"]) == 4
@@ -217,3 +217,25 @@ def test_video_trainer_smoke_trains_motion_only_and_exports_an_animatediff_model
     out = pipe("a red circle moving up", num_frames=4, num_inference_steps=2, height=64, width=64,
                output_type="np").frames[0]
     assert out.shape == (4, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_object_weights_cover_the_object_and_its_rim_and_nothing_else():
+    from training.clips import Clip, render_clip
+    from training.shapes import Obj
+    from diffusers import AutoencoderKL
+
+    from training.train_video import object_weights
+
+    clip = Clip(Obj("star", "red", "small", "center"), "white", "right", (0.3, 0.4), (0.7, 0.4))
+    vae = AutoencoderKL.from_pretrained(ROOT / "models" / "shapes-ldm" / "vae")
+    pixels = torch.from_numpy(render_clip(clip, 2)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        x0 = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    x0 = x0.transpose(0, 1)[None]  # [1, C, F, h, w], the clip banks' layout
+    w = object_weights(x0, 5.0)
+    assert w.shape == (1, 1, 2, 16, 16) and set(w.unique().tolist()) == {1.0, 6.0}
+    for k, (fx, fy) in enumerate((clip.start, clip.end)):  # the object's centre weighs 6 in each frame
+        assert w[0, 0, k, int(fy * 16), int(fx * 16)] == 6.0
+        assert 4 <= int((w[0, 0, k] > 1).sum()) <= 40  # a small star and its rim, not the scene
+    border = torch.cat([w[..., 0, :], w[..., -1, :], w[..., :, 0], w[..., :, -1]], dim=-1)
+    assert (border == 1).all()  # the VAE's edge ripple is not an object
