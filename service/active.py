@@ -24,15 +24,22 @@ class Active:
     params: Any  # the task's typed parameters (service.runners)
     rows: list[Row] | None = None  # None until admitted
     peak_rows: int = 0  # the most rows of any engine call it shared (its job's batch size)
+    passes: int = 1  # passes over the schedule begun (params.passes in all: txt2video's FreeInit)
+
+    @property
+    def pass_done(self) -> bool:
+        return self.rows is not None and all(r.done for r in self.rows)
 
     @property
     def done(self) -> bool:
-        return self.rows is not None and all(r.done for r in self.rows)
+        return self.pass_done and self.passes >= self.params.passes
 
     def progress(self) -> tuple[int, int]:
-        """(steps done, total) as progress events count them: the job's slowest row (over
-        both stages of a chained job, service.chain)."""
-        return chain.progress(self.job, min(r.step for r in self.rows), max(r.steps for r in self.rows))
+        """(steps done, total) as progress events count them: the job's slowest row, over all
+        its passes (and both stages of a chained job, service.chain)."""
+        steps = max(r.steps for r in self.rows)
+        return chain.progress(self.job, (self.passes - 1) * steps + min(r.step for r in self.rows),
+                              self.params.passes * steps)
 
     def entry(self, policy: str) -> Entry:
         p = self.params

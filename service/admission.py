@@ -22,7 +22,8 @@ def job_work(spec: ModelSpec, request: dict) -> tuple[float, int]:
     area = request["width"] * request["height"] / (d.width * d.height) * request.get("num_frames", 1)
     rows = network_rows(request.get("num_images", 1), request.get("guidance", "cfg"), request["guidance_scale"])
     steps = int(request["steps"] * request.get("strength", 1.0))  # img2img runs the schedule's tail
-    return rows * area, CATALOG[request["sampler"]].calls(max(1, steps))
+    passes = request.get("free_init_iterations", 1)  # txt2video's FreeInit runs the schedule this often
+    return rows * area, CATALOG[request["sampler"]].calls(max(1, steps)) * passes
 
 
 async def admit(q: ApiQueue, spec: ModelSpec, request: dict, heartbeat_ttl_s: float) -> None:

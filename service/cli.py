@@ -83,7 +83,7 @@ def request_body(args: argparse.Namespace, task: str, fmt: str) -> dict:
         "seed": args.seed, "sampler": args.sampler, "schedule": args.schedule,
         "guidance_scale": args.guidance, "guidance": args.guidance_mode, "strength": args.strength,
         "noise_level": args.noise_level, "back_projection": False if args.no_back_projection else None,
-        "num_frames": args.frames, "fps": args.fps,
+        "num_frames": args.frames, "fps": args.fps, "free_init_iterations": args.free_init,
         "upscale": args.upscale or None, "output_format": fmt, "priority": args.priority,
         "timeout_s": args.timeout,
     }
@@ -147,7 +147,7 @@ def task_of(args: argparse.Namespace, fmt: str | None) -> str:
         return "inpaint"
     if args.image:
         return "img2img"
-    video = args.frames is not None or args.fps is not None or fmt in VIDEO_ONLY
+    video = args.frames is not None or args.fps is not None or args.free_init is not None or fmt in VIDEO_ONLY
     return "txt2video" if video else "txt2img"
 
 
@@ -318,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="txt2img, then the model's x4 upscaler, as one job (4x --size)")
     gen.add_argument("--frames", type=int, metavar="N", help="txt2video: frames per video (default: the model's)")
     gen.add_argument("--fps", type=int, help="txt2video: frames per second of the file (1-60, default 8)")
+    gen.add_argument("--free-init", type=int, metavar="N", help="txt2video: N denoising passes with FreeInit "
+                     "between them (frames agree more; N times the cost; 1-4, default 1: off)")
     gen.add_argument("--format", choices=("png", "webp", "jpeg", "mp4", "gif"),
                      help="images: png, webp, jpeg; videos: mp4 (default), webp, gif")
     gen.add_argument("--priority", choices=("high", "normal", "low"))

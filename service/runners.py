@@ -86,9 +86,14 @@ class Txt2ImgParams:
         return 1
 
     @property
+    def passes(self) -> int:
+        """Times the rows run their schedule (txt2video's FreeInit restarts them)."""
+        return 1
+
+    @property
     def denoiser_calls(self) -> int:
         """Network evaluations per image (Heun's N steps are 2N - 1; guidance rows not counted)."""
-        return CATALOG[self.sampler].calls(self.steps)
+        return CATALOG[self.sampler].calls(self.steps) * self.passes
 
     def seeds(self) -> list[int]:
         """Image k uses seed + k (wrapping at 2**32), as the API documents."""
@@ -324,6 +329,11 @@ class VideoParams(Txt2ImgParams):
 
     frames: int = 16
     fps: int = 8
+    free_init: int = 1  # passes (free_init_iterations)
+
+    @property
+    def passes(self) -> int:
+        return self.free_init
 
     def shape_key(self) -> Hashable:
         return ("txt2video", self.width, self.height, self.frames)  # rows of one frame count stack
@@ -335,12 +345,15 @@ class VideoParams(Txt2ImgParams):
 
 def parse_txt2video(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> VideoParams:
     base = parse_txt2img(request, model, formats=tuple(VIDEO_FORMATS))
-    params = _extend(VideoParams, base, frames=_get(request, "num_frames", int), fps=_get(request, "fps", int, 8))
+    params = _extend(VideoParams, base, frames=_get(request, "num_frames", int), fps=_get(request, "fps", int, 8),
+                     free_init=_get(request, "free_init_iterations", int, 1))
     # The registry keeps max_frames within the adapter's temporal position embeddings.
     if not model.spec.limits.min_frames <= params.frames <= model.spec.limits.max_frames:
         raise JobInputError("num_frames", f"must be in {model.spec.limits.min_frames}..{model.spec.limits.max_frames}")
     if not 1 <= params.fps <= 60:
         raise JobInputError("fps", "must be in 1..60")
+    if not 1 <= params.free_init <= 4:
+        raise JobInputError("free_init_iterations", "must be in 1..4")
     if request.get("preview"):  # service.previews projects image rows, not [C, F, h, w]
         raise JobInputError("preview", "txt2video sends no previews")
     return params
@@ -349,6 +362,11 @@ def parse_txt2video(request: Any, model: LoadedModel, inputs: dict[str, bytes] |
 def begin_txt2video(model: LoadedModel, jobs: list[VideoParams]) -> list[list[Row]]:
     """Each job's videos at step 0: noise [C, F, h, w] from each video's own seed."""
     return [video.start_rows(model, video.VideoBatch(p.batch(), p.frames)) for p in jobs]
+
+
+def again_txt2video(model: LoadedModel, p: VideoParams, rows: list[Row]) -> list[Row]:
+    """The next FreeInit pass of a job's finished videos (their initial noise drawn again from their seeds)."""
+    return video.reinitialize(model, rows, video.initial_noise(model, video.VideoBatch(p.batch(), p.frames)))
 
 
 def finish_txt2video(model: LoadedModel, rows: list[Row]) -> torch.Tensor:
@@ -374,6 +392,8 @@ class Runner:
     composite: Callable[[Any, np.ndarray], np.ndarray] | None = None
     # A job's params, one image's (or video's) pixels, its seed and format -> the file stored.
     output: Callable[[Any, np.ndarray, int, str], StoredImage] = image_file
+    # A job's params and finished rows -> its rows for the next of its `passes` (txt2video's FreeInit).
+    again: Callable[[LoadedModel, Any, list[Row]], list[Row]] | None = None
 
 
 # task name -> runner. A job whose task is missing here fails at once (never retried).
@@ -382,5 +402,5 @@ RUNNERS: dict[str, Runner] = {
     "img2img": Runner(parse_img2img, begin_img2img, txt2img.finish),
     "inpaint": Runner(parse_inpaint, begin_inpaint, txt2img.finish, composite_inpaint),
     "superres": Runner(parse_superres, begin_superres, txt2img.finish, project_superres),
-    "txt2video": Runner(parse_txt2video, begin_txt2video, finish_txt2video, output=video_file),
+    "txt2video": Runner(parse_txt2video, begin_txt2video, finish_txt2video, output=video_file, again=again_txt2video),
 }

@@ -41,6 +41,10 @@ class GenerateRequest(BaseModel):
     num_frames: int | None = Field(None, ge=1, description="txt2video: frames per video (the model's default; at "
                                    "most its limits.max_frames, GET /v1/models).")
     fps: int | None = Field(None, ge=1, le=60, description="txt2video: frames per second of the file (default 8).")
+    free_init_iterations: int | None = Field(
+        None, ge=1, le=4, description="txt2video: denoising passes, with FreeInit's noise re-initialisation between "
+                                      "them (Wu et al. 2023; diffusers' enable_free_init): frames agree more with "
+                                      "each other, at that many times the cost. 1 (default): off.")
     priority: Literal["high", "normal", "low"] = Field(
         "normal", description="A high-priority job joins a full batch at the next step by pausing lower-priority "
                               "ones, which resume where they stopped.")

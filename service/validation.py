@@ -40,7 +40,7 @@ def outputs(req: GenerateRequest, spec: ModelSpec) -> dict:
         raise invalid("output_format", f"task {req.task} makes {'videos' if video else 'images'}: output_format "
                                        f"must be one of {', '.join(formats)}, got {fmt!r}")
     if not video:
-        for name in ("num_frames", "fps"):
+        for name in ("num_frames", "fps", "free_init_iterations"):
             if getattr(req, name) is not None:
                 raise invalid(name, f"{name} is for task txt2video, not {req.task}")
         return {"output_format": fmt}
@@ -50,7 +50,8 @@ def outputs(req: GenerateRequest, spec: ModelSpec) -> dict:
     if not spec.limits.min_frames <= frames <= spec.limits.max_frames:
         raise invalid("num_frames", f"num_frames must be in {spec.limits.min_frames}..{spec.limits.max_frames} "
                                     f"for model {spec.id}, got {frames}")
-    return {"output_format": fmt, "num_frames": frames, "fps": req.fps or DEFAULT_FPS}
+    return {"output_format": fmt, "num_frames": frames, "fps": req.fps or DEFAULT_FPS,
+            "free_init_iterations": req.free_init_iterations or 1}
 
 
 def model_for(req: GenerateRequest, registry: Registry) -> ModelSpec:

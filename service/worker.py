@@ -281,6 +281,12 @@ class Worker:
         self.exporter.batch(BatchRecord(model.spec.id, jobs[0].job.task, len(call.rows),
                                         [time.perf_counter() - started], counter[0]))
         self._stop(jobs, self.queue.report_progress([(a.job, *a.progress()) for a in jobs], self.previews.of(model, jobs)))
+        for a in jobs:  # a pass over, more to run: the job's rows start its next one (FreeInit)
+            if a.pass_done and not a.done and a.job.id in self.active:
+                try:
+                    a.rows, a.passes = RUNNERS[a.job.task].again(model, a.params, a.rows), a.passes + 1
+                except Exception as exc:
+                    self._failed([a], exc)
         done = [a for a in jobs if a.done and a.job.id in self.active]
         if done:
             self._deliver(model, done)

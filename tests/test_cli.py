@@ -136,12 +136,14 @@ def test_txt2video_writes_an_mp4_with_its_frames_and_the_suffix_picks_the_format
     assert outputs(done.stdout) == [(clip, 5)] and re.search(r"\b3/3\b", done.stderr), done.stderr
     assert mp4(clip) == (6, (48, 32), 12.0)
 
-    # -o *.gif alone: a txt2video job (the model's default 4 frames), two videos numbered.
+    # -o *.gif alone: a txt2video job (the model's default 4 frames), two videos numbered;
+    # --free-init 2: two passes of the 2 steps.
     done = cli("generate", "a blue square moving up", "--model", "tiny-video", "-n", "2", "--size", "32x32",
-               "--steps", "2", "--seed", "8", "--json", "-o", str(tmp_path / "anim.gif"), url=url)
+               "--steps", "2", "--seed", "8", "--free-init", "2", "--json", "-o", str(tmp_path / "anim.gif"), url=url)
     assert done.returncode == 0, done.stderr
     job = json.loads(done.stdout)
     assert job["task"] == "txt2video" and [i["frames"] for i in job["images"]] == [4, 4]
+    assert job["progress"] == {"step": 4, "total": 4} and job["denoiser_calls"] == 4
     for k, image in enumerate(job["images"]):
         assert image["path"] == str(tmp_path / f"anim-{k}.gif") and image["mime"] == "image/gif"
         with Image.open(image["path"]) as gif:

@@ -64,8 +64,10 @@ def registry(tmp_path_factory):
     return load_registry(root / "registry.json")
 
 
-def reference(spec, sampler: str, steps: int, videos: list[ImageRequest], **overrides) -> np.ndarray:
+def reference(spec, sampler: str, steps: int, videos: list[ImageRequest], free_init: int = 1, **overrides) -> np.ndarray:
     pipe = AnimateDiffPipeline.from_pretrained(spec.path)
+    if free_init > 1:
+        pipe.enable_free_init(num_iters=free_init)
     if sampler == "euler":
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     out = pipe([v.prompt for v in videos], negative_prompt=[v.negative_prompt for v in videos], num_frames=FRAMES,
@@ -75,14 +77,16 @@ def reference(spec, sampler: str, steps: int, videos: list[ImageRequest], **over
     return (np.asarray(out) * 255).round().astype(np.uint8)  # [B, F, H, W, 3]
 
 
-@pytest.mark.parametrize("image_model,sampler,steps", [("tiny-ldm", "ddim", 10), ("tiny-ldm", "euler", 6),
-                                                       ("shapes-ldm", "ddim", 6), ("shapes-video", "ddim", 6)])
-def test_video_matches_animatediff_pipeline(registry, image_model, sampler, steps):
+@pytest.mark.parametrize("image_model,sampler,steps,free_init", [
+    ("tiny-ldm", "ddim", 10, 1), ("tiny-ldm", "euler", 6, 1), ("shapes-ldm", "ddim", 6, 1),
+    ("shapes-video", "ddim", 6, 1), ("shapes-video", "ddim", 4, 3)])
+def test_video_matches_animatediff_pipeline(registry, image_model, sampler, steps, free_init):
+    """free_init > 1: the pipeline with enable_free_init(num_iters=free_init) (its defaults)."""
     spec = registry.get(image_model)
     model = video.load(spec)
     ours = video.run(model, video.VideoBatch(Txt2ImgBatch(WIDTH, HEIGHT, sampler, steps, VIDEOS), FRAMES,
-                                             decode_chunk_size=3)).numpy()
-    ref = reference(spec, sampler, steps, VIDEOS)
+                                             decode_chunk_size=3, free_init=free_init)).numpy()
+    ref = reference(spec, sampler, steps, VIDEOS, free_init=free_init)
     assert ours.shape == ref.shape == (len(VIDEOS), FRAMES, HEIGHT, WIDTH, 3)
     for k in range(len(VIDEOS)):
         assert ref[k].std() > 5, "reference video is flat: the comparison would prove nothing"

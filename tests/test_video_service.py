@@ -39,12 +39,12 @@ def engine(registry_path):
     return video.load(load_registry(registry_path).get("tiny-video"))
 
 
-def direct(model, seed: int, frames: int, width: int, height: int, steps: int) -> np.ndarray:
+def direct(model, seed: int, frames: int, width: int, height: int, steps: int, free_init: int = 1) -> np.ndarray:
     """uint8 [F, H, W, 3]: the video engines.tasks.video makes for this seed, alone."""
     spec = model.spec
     request = ImageRequest(PROMPT, "", seed, spec.defaults.guidance_scale)
     batch = Txt2ImgBatch(width, height, spec.defaults.sampler, steps, [request])
-    return video.run(model, video.VideoBatch(batch, frames)).numpy()[0]
+    return video.run(model, video.VideoBatch(batch, frames, free_init=free_init)).numpy()[0]
 
 
 def decode(data: bytes, fmt: str) -> tuple[np.ndarray, float]:
@@ -130,6 +130,29 @@ def test_video_jobs_batch_among_themselves_with_frames_counted_against_max_batch
     assert np.abs(videos[0].astype(int) - videos[1].astype(int)).mean() > 5  # batch-mates differ
 
 
+def test_free_init_jobs_run_their_passes_beside_plain_ones(api, video_worker, engine, r):
+    """A FreeInit job (3 passes) and a plain one of the same shape arrive together and share
+    calls: the plain one finishes after its pass, the other restarts its rows twice. Each
+    gets the video the engine makes for it alone; progress and denoiser calls count passes."""
+    jobs = [job_record("tiny-video", "txt2video", prompt=PROMPT, width=32, height=32, steps=3, seed=seed,
+                       guidance_scale=5.0, num_frames=4, fps=8, output_format="webp", free_init_iterations=passes)
+            for seed, passes in ((7, 3), (8, 1))]
+    enqueue_together(r, jobs)
+    done = [wait_until(lambda j=j: (s := job_status(api, j.id))["status"] in ("succeeded", "failed") and s,
+                       120, f"job {j.id}") for j in jobs]
+    assert [d["status"] for d in done] == ["succeeded"] * 2, [d.get("error") for d in done]
+    assert [d["progress"] for d in done] == [{"step": 9, "total": 9}, {"step": 3, "total": 3}]
+    assert [d["denoiser_calls"] for d in done] == [9, 3]
+    assert [d["batch"]["size"] for d in done] == [2, 2]  # they shared the first pass's calls
+    for d, j in zip(done, jobs):
+        pixels, _ = decode(video_of(api, d)[0], "webp")
+        passes = j.request["free_init_iterations"]
+        ours = direct(engine, j.request["seed"], 4, 32, 32, 3, free_init=passes)
+        assert np.abs(pixels.astype(int) - ours.astype(int)).max() <= 2
+    plain_pass = direct(engine, 7, 4, 32, 32, 3)  # what the FreeInit job's first pass alone would make
+    assert np.abs(decode(video_of(api, done[0])[0], "webp")[0].astype(int) - plain_pass.astype(int)).mean() > 5
+
+
 def test_a_record_past_the_frame_limit_fails_at_parse(api, video_worker, r):
     """A record written straight to Redis (no API) with more frames than the adapter's limit
     fails alone, as invalid input, before any engine call."""
@@ -155,6 +178,8 @@ def test_a_record_past_the_frame_limit_fails_at_parse(api, video_worker, r):
     ({"upscale": True}, "upscale"),
     ({"strength": 0.5}, "strength"),
     ({"width": 50}, "width"),
+    ({"free_init_iterations": 0}, "free_init_iterations"),
+    ({"free_init_iterations": 5}, "free_init_iterations"),
 ])
 def test_bad_video_requests_are_422s_naming_the_field(api, r, change, field):
     before = r.xlen("latentserve:stream:tiny-video")
@@ -167,7 +192,8 @@ def test_bad_video_requests_are_422s_naming_the_field(api, r, change, field):
 
 @pytest.mark.parametrize("change,field", [({"output_format": "mp4"}, "output_format"),
                                           ({"output_format": "gif"}, "output_format"),
-                                          ({"num_frames": 4}, "num_frames"), ({"fps": 8}, "fps")])
+                                          ({"num_frames": 4}, "num_frames"), ({"fps": 8}, "fps"),
+                                          ({"free_init_iterations": 2}, "free_init_iterations")])
 def test_video_fields_on_an_image_task_are_422s(api, change, field):
     response = generate(api, wait=False, model="tiny-ldm", prompt=PROMPT, **change)
     assert response.status_code == 422, response.text

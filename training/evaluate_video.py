@@ -45,7 +45,9 @@ def generate(model, prompts: list[str], frames: int, batch: int = 4, seed: int =
     out = []
     for i in range(0, len(prompts), batch):
         rows = [ImageRequest(p, "", seed + i + k, guidance, sampler, steps) for k, p in enumerate(prompts[i:i + batch])]
-        out.append(video.run(model, video.VideoBatch(Txt2ImgBatch(d.width, d.height, sampler, steps, rows), frames)).numpy())
+        job = video.VideoBatch(Txt2ImgBatch(d.width, d.height, sampler, steps, rows), frames,
+                               free_init=sampling.get("free_init", 1))
+        out.append(video.run(model, job).numpy())
     return np.concatenate(out)
 
 
@@ -80,7 +82,8 @@ def evaluate(model, n: int, frames: int, clip_seed: int = 17, **sampling) -> dic
     d = model.spec.defaults
     return {"n": n, "frames": frames, "size": f"{d.width}x{d.height}", "clip_seed": clip_seed,
             "sampling": {"sampler": sampling.get("sampler", d.sampler), "steps": sampling.get("steps", d.steps),
-                         "guidance_scale": sampling.get("guidance_scale", d.guidance_scale)},
+                         "guidance_scale": sampling.get("guidance_scale", d.guidance_scale),
+                         "free_init_iterations": sampling.get("free_init", 1)},
             "model": score(clips, videos),
             "rendered_clips": score(clips, np.stack([render_clip(c, frames) for c in clips])),
             "elapsed_s": round(time.perf_counter() - started, 1)}, videos
@@ -95,6 +98,7 @@ def main() -> None:
     parser.add_argument("--clip-seed", type=int, default=17, help="another seed: a tuning set apart from the scored one")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--free-init", type=int, help="FreeInit passes (the request's free_init_iterations)")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
     parser.add_argument("--gif", type=Path, help="write the first clips here as one animated GIF grid")
     args = parser.parse_args()
@@ -102,7 +106,8 @@ def main() -> None:
     from engines.tasks import video
 
     model = video.load(load_registry(args.registry).get(args.model))
-    sampling = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale)) if v is not None}
+    sampling = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
+                                  ("free_init", args.free_init)) if v is not None}
     result, videos = evaluate(model, args.n, args.frames, args.clip_seed, **sampling)
     report({"model_id": args.model, **result}, args.out)
     if args.gif:

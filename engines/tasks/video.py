@@ -8,13 +8,19 @@ repeats it for every frame (the pipeline's `repeat_interleave`); guidance and th
 steps are the image rows' own (they broadcast over any sample shape). Frames decode one by one
 through the VAE, `decode_chunk_size` at a time, as the pipeline does.
 
+FreeInit (Wu et al. 2023; diffusers' `enable_free_init`) is a job option: after a pass, each
+video's latents are diffused back to the last training timestep with its initial noise; their
+low frequencies (in time and space) are kept, the high ones drawn afresh from the video's own
+generator, and the video is denoised again from there (`free_init` passes in all). It trades
+passes for frames that agree with each other.
+
 The model directory is what training.train_video exports: the image model's components (unet/
 the spatial UNet2DConditionModel) plus motion_adapter/; its registry entry is an "ldm" one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,7 +30,8 @@ from engines.layout import ModelLayout
 from engines.model import LoadedModel, assemble, load_tokenizers
 from engines.noise import StackedGenerator
 from engines.registry import ModelSpec
-from engines.sampling import Row, sample
+from engines.schedules import vp_alphas_cumprod
+from engines.sampling import Row, sample, start
 from engines.tasks import txt2img
 from engines.tasks.txt2img import Txt2ImgBatch, evaluator_of
 
@@ -34,6 +41,7 @@ class VideoBatch:
     batch: Txt2ImgBatch  # the frame size, default sampler and steps, each video's prompt, seed, guidance
     frames: int
     decode_chunk_size: int = 16  # frames per VAE call
+    free_init: int = 1  # denoising passes (FreeInit's num_iters; 1: off)
 
 
 class MotionUNet(torch.nn.Module):
@@ -103,7 +111,33 @@ def finish(model: LoadedModel, rows: list[Row], decode_chunk_size: int = 16) -> 
 
 
 @torch.inference_mode()
+def reinitialize(model: LoadedModel, rows: list[Row], noise: torch.Tensor) -> list[Row]:
+    """FreeInit's restart of finished rows: each video's latents noised to the last training
+    timestep with its initial `noise` [B, C, F, h, w], low-pass filtered, its high frequencies
+    from fresh noise off its own generator; the row begins its schedule again from there."""
+    # diffusers' own filter and mix (FreeInitMixin's methods read no pipeline state), so a
+    # video re-initialises exactly as in AnimateDiffPipeline with enable_free_init(): butterworth,
+    # order 4, stop frequencies 0.25 in space and time.
+    from diffusers.pipelines.free_init_utils import FreeInitMixin
+
+    x = torch.stack([row.x for row in rows])
+    end = torch.tensor([float(row.schedule.sigmas[-1]) for row in rows], device=x.device)
+    latents = model.denoiser.x_to_latents(x, end)
+    alpha = vp_alphas_cumprod(model.scheduler_config)[-1].to(x)
+    diffused = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise.to(x)
+    fresh = torch.stack([torch.randn(noise.shape[1:], generator=row.generator) for row in rows]).to(x)
+    low_pass = FreeInitMixin._get_free_init_freq_filter(None, (1, *noise.shape[1:]), x.device, "butterworth", 4,
+                                                        0.25, 0.25)
+    mixed = FreeInitMixin._apply_freq_filter(None, diffused.float(), fresh.float(), low_pass).to(x.dtype)
+    return [replace(start(m, row.schedule, row.sampler, row.generator, row.eta), cond=row.cond, uncond=row.uncond,
+                    guide_cond=row.guide_cond, guidance=row.guidance, calls=row.calls)
+            for m, row in zip(mixed, rows)]
+
+
+@torch.inference_mode()
 def run(model: LoadedModel, job: VideoBatch) -> torch.Tensor:
-    """The whole batch in one go: uint8 [B, F, H, W, 3]."""
+    """The whole batch in one go (each of its `free_init` passes): uint8 [B, F, H, W, 3]."""
     rows = sample(evaluator_of(model), start_rows(model, job))
+    for _ in range(job.free_init - 1):
+        rows = sample(evaluator_of(model), reinitialize(model, rows, initial_noise(model, job)))
     return finish(model, rows, job.decode_chunk_size)
