@@ -65,10 +65,13 @@ def test_txt2video_plays_in_a_video_element_and_downloads_its_mp4(page, api, med
 
     choose(page, "tiny-video", "a red circle moving right", Width=48, Height=32, Steps=3, Seed=5, Frames=6)
     page.get_by_label("Frames per second").fill("12")
+    expect(page.get_by_label("FreeInit passes")).to_have_value("1")  # off unless asked
+    page.get_by_label("FreeInit passes").fill("2")
     with page.expect_request(lambda r: r.url.endswith("/v1/generate")) as sent:
         job_id = submitted_job(page, lambda: page.get_by_role("button", name="Generate").click())
     body = sent.value.post_data_json
     assert (body["num_frames"], body["fps"], body["output_format"]) == (6, 12, "mp4") and "preview" not in body
+    assert body["free_init_iterations"] == 2
 
     video = page.locator("#results video")
     expect(video).to_be_visible(timeout=60_000)

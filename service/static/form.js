@@ -1,7 +1,7 @@
 // The settings form: filled from a model's entry in GET /v1/models (its tasks, samplers,
 // defaults and limits), read back into a /v1/generate body, and marked with the API's errors.
 // Which fields show depends on the task: an input image for img2img / inpaint / superres,
-// frames and fps for txt2video, the upscale checkbox for txt2img on a model with an upscaler.
+// frames, fps and FreeInit passes for txt2video, the upscale checkbox for txt2img on a model with an upscaler.
 
 const INPUT_TASKS = new Set(["img2img", "inpaint", "superres"]);
 const SUPERRES = 4; // a superres job's size: 4x its input's, per side (the API's rule)
@@ -107,6 +107,7 @@ export class SettingsForm {
     this.show("#height-row", !superres);
     this.show("#num_frames-row", video);
     this.show("#fps-row", video);
+    this.show("#free_init_iterations-row", video);
     this.show("#upscale-row", task === "txt2img" && Boolean(this.model.upscaler));
     this.show("#live-preview-row", !video); // the API refuses previews for videos
     this.form.querySelector("#num_images-label").textContent = video ? "Videos" : "Images";
@@ -189,6 +190,7 @@ export class SettingsForm {
     if (task === "txt2video") {
       body.num_frames = Number(v("num_frames"));
       body.fps = Number(v("fps"));
+      if (Number(v("free_init_iterations")) > 1) body.free_init_iterations = Number(v("free_init_iterations"));
     }
     if (this.upscaling) body.upscale = true;
     if (v("seed") !== "") body.seed = Number(v("seed"));
