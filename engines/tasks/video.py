@@ -96,12 +96,17 @@ def start_rows(model: LoadedModel, job: VideoBatch) -> list[Row]:
     return txt2img.start_rows(model, job.batch, initial_noise(model, job, generators), generators)
 
 
+def final_latents(model: LoadedModel, rows: list[Row]) -> torch.Tensor:
+    """Finished rows' clean latents [B, C, F, h, w]."""
+    x = torch.stack([row.x for row in rows])
+    end = torch.tensor([float(row.schedule.sigmas[-1]) for row in rows], device=x.device)
+    return model.denoiser.x_to_latents(x, end)
+
+
 @torch.inference_mode()
 def finish(model: LoadedModel, rows: list[Row], decode_chunk_size: int = 16) -> torch.Tensor:
     """Finished rows to uint8 frames [B, F, H, W, 3]; every frame decoded alone."""
-    x = torch.stack([row.x for row in rows])
-    end = torch.tensor([float(row.schedule.sigmas[-1]) for row in rows], device=x.device)
-    latents = model.denoiser.x_to_latents(x, end)
+    latents = final_latents(model, rows)
     b, c, f, h, w = latents.shape
     frames = latents.transpose(1, 2).reshape(b * f, c, h, w)
     images = torch.cat([model.decode_latents(frames[i:i + decode_chunk_size])
@@ -120,15 +125,15 @@ def reinitialize(model: LoadedModel, rows: list[Row], noise: torch.Tensor) -> li
     # order 4, stop frequencies 0.25 in space and time.
     from diffusers.pipelines.free_init_utils import FreeInitMixin
 
-    x = torch.stack([row.x for row in rows])
-    end = torch.tensor([float(row.schedule.sigmas[-1]) for row in rows], device=x.device)
-    latents = model.denoiser.x_to_latents(x, end)
-    alpha = vp_alphas_cumprod(model.scheduler_config)[-1].to(x)
-    diffused = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise.to(x)
-    fresh = torch.stack([torch.randn(noise.shape[1:], generator=row.generator) for row in rows]).to(x)
-    low_pass = FreeInitMixin._get_free_init_freq_filter(None, (1, *noise.shape[1:]), x.device, "butterworth", 4,
-                                                        0.25, 0.25)
-    mixed = FreeInitMixin._apply_freq_filter(None, diffused.float(), fresh.float(), low_pass).to(x.dtype)
+    latents = final_latents(model, rows)
+    alpha = vp_alphas_cumprod(model.scheduler_config)[-1].to(latents)
+    diffused = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise.to(latents)
+    fresh = torch.stack([torch.randn(noise.shape[1:], generator=row.generator) for row in rows]).to(latents)
+    low_pass = FreeInitMixin._get_free_init_freq_filter(None, (1, *noise.shape[1:]), latents.device, "butterworth",
+                                                        4, 0.25, 0.25)
+    mixed = FreeInitMixin._apply_freq_filter(None, diffused.float(), fresh.float(), low_pass).to(latents.dtype)
+    # start() scales the mix to the schedule's first sigma, as the first pass's noise; the
+    # pipeline passes it unscaled, the same wherever init_noise_sigma is 1 (DDIM).
     return [replace(start(m, row.schedule, row.sampler, row.generator, row.eta), cond=row.cond, uncond=row.uncond,
                     guide_cond=row.guide_cond, guidance=row.guidance, calls=row.calls)
             for m, row in zip(mixed, rows)]
