@@ -51,6 +51,9 @@ class RegistryError(ValueError):
 
 # superres: the noise added to the low-res input when a request names none (StableDiffusionUpscalePipeline's)
 DEFAULT_NOISE_LEVEL = 20
+# txt2video's per-request bounds, read by the API's schema and the worker's parse alike
+MAX_FPS = 60
+MAX_FREE_INIT = 4  # FreeInit passes: each one costs a whole schedule
 
 
 @dataclass(frozen=True)

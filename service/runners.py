@@ -10,177 +10,29 @@ the file stored with the job.
 
 Records are normally written by the API after validation, but anything that can write to
 Redis can write a record, so `parse` checks everything the engine relies on for its types and
-names; the registry limits (sizes, steps) stay the API's business.
+names (with service.job_params, which reads the fields every task shares); the registry limits
+(sizes, steps) stay the API's business.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable
 
 import numpy as np
 import torch
 
-from engines.guidance import MODES
 from engines.model import LoadedModel
-from engines.registry import DEFAULT_NOISE_LEVEL
+from engines.registry import DEFAULT_NOISE_LEVEL, MAX_FPS, MAX_FREE_INIT
 from engines.sampler_catalog import CATALOG
 from engines.sampling import Row
 from engines.tasks import img2img, inpaint, superres, txt2img, video
-from service.cost import network_rows
+from service.job_params import JobInputError, Txt2ImgParams, extend, get_field, parse_txt2img, stored_image
 from service.media import encode_image
 from service.queue import StoredImage
-from service.scheduler import PRIORITIES
-from service.uploads import from_png
 from service.video_media import VIDEO_FORMATS, encode_video
 
-OUTPUT_FORMATS = ("png", "webp", "jpeg")
-
-
-class JobInputError(ValueError):
-    """The job's own request can't be run; `field` names the culprit."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-
-
-@dataclass(frozen=True)
-class Txt2ImgParams:
-    prompt: str
-    negative_prompt: str
-    width: int
-    height: int
-    num_images: int
-    steps: int
-    sampler: str
-    guidance_scale: float
-    seed: int
-    output_format: str
-    schedule: str = "default"
-    eta: float = 0.0
-    guidance: str = "cfg"
-    guidance_interval: tuple[float, float] | None = None
-    guidance_interval_fraction: tuple[float, float] | None = None
-    priority: str = "normal"  # high | normal | low (service.scheduler)
-    timeout_s: float | None = None  # from the job's creation; past it the job fails
-
-    def shape_key(self) -> Hashable:
-        """What rows must agree on to share a step (one engine call): the latent shape. Step
-        counts, samplers, schedules, guidance and prompts may all differ row by row."""
-        return ("txt2img", self.width, self.height)
-
-    def request_key(self) -> Hashable:
-        """The whole-request baseline's key: jobs that start together end together."""
-        return (*self.shape_key(), self.sampler, self.schedule, self.steps)
-
-    @property
-    def rows_per_step(self) -> int:
-        """Network rows a step of this job computes (guidance's second half included)."""
-        return network_rows(self.num_images, self.guidance, self.guidance_scale)
-
-    @property
-    def images_per_row(self) -> int:
-        """Images one row denoises: 1 here, a video row's frames (VideoParams)."""
-        return 1
-
-    @property
-    def passes(self) -> int:
-        """Times the rows run their schedule (txt2video's FreeInit restarts them)."""
-        return 1
-
-    @property
-    def denoiser_calls(self) -> int:
-        """Network evaluations per image (Heun's N steps are 2N - 1; guidance rows not counted)."""
-        return CATALOG[self.sampler].calls(self.steps) * self.passes
-
-    def seeds(self) -> list[int]:
-        """Image k uses seed + k (wrapping at 2**32), as the API documents."""
-        return [(self.seed + k) % 2**32 for k in range(self.num_images)]
-
-    def batch(self) -> txt2img.Txt2ImgBatch:
-        """The job's images as the engines' tasks take them: one per seed, the job's settings."""
-        images = [txt2img.ImageRequest(self.prompt, self.negative_prompt, seed, self.guidance_scale, self.sampler,
-                                       self.steps, self.schedule, self.eta, self.guidance, self.guidance_interval,
-                                       self.guidance_interval_fraction) for seed in self.seeds()]
-        return txt2img.Txt2ImgBatch(self.width, self.height, self.sampler, self.steps, images)
-
-    def repeated(self, pixels: np.ndarray):
-        """An input (image or mask) once per image of the job."""
-        return np.repeat(pixels[None], self.num_images, axis=0)
-
-
-def _get(request: dict, name: str, kind: type, default: Any = None) -> Any:
-    value = request.get(name, default)
-    if value is None:
-        raise JobInputError(name, "missing")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise JobInputError(name, f"expected {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
-def _timeout(request: dict) -> float | None:
-    value = request.get("timeout_s")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise JobInputError("timeout_s", f"expected a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _pair(request: dict, name: str) -> tuple[float, float] | None:
-    value = request.get(name)
-    if value is None:
-        return None
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
-        raise JobInputError(name, "expected two numbers")
-    return float(value[0]), float(value[1])
-
-
-def parse_txt2img(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None,
-                  formats: tuple[str, ...] = OUTPUT_FORMATS) -> Txt2ImgParams:
-    if not isinstance(request, dict):
-        raise JobInputError("request", f"expected an object, got {type(request).__name__}")
-    params = Txt2ImgParams(
-        prompt=_get(request, "prompt", str), negative_prompt=_get(request, "negative_prompt", str, ""),
-        width=_get(request, "width", int), height=_get(request, "height", int),
-        num_images=_get(request, "num_images", int, 1), steps=_get(request, "steps", int),
-        sampler=_get(request, "sampler", str), guidance_scale=_get(request, "guidance_scale", float),
-        seed=_get(request, "seed", int), output_format=_get(request, "output_format", str, "png"),
-        schedule=_get(request, "schedule", str, "default"), eta=_get(request, "eta", float, 0.0),
-        guidance=_get(request, "guidance", str, "cfg"),
-        guidance_interval=_pair(request, "guidance_interval"),
-        guidance_interval_fraction=_pair(request, "guidance_interval_fraction"),
-        priority=_get(request, "priority", str, "normal"),
-        timeout_s=_timeout(request),
-    )
-    checks = [
-        ("width", params.width > 0, "must be positive"),
-        ("height", params.height > 0, "must be positive"),
-        ("num_images", params.num_images >= 1, "must be at least 1"),
-        ("steps", params.steps >= 1, "must be at least 1"),
-        ("sampler", params.sampler in model.spec.samplers,
-         f"{params.sampler!r} is not one of {', '.join(model.spec.samplers)}"),
-        ("schedule", params.sampler not in CATALOG or params.schedule in CATALOG[params.sampler].schedules,
-         f"{params.schedule!r} is not a schedule of {params.sampler}"),
-        ("eta", 0 <= params.eta <= 1, "must be in 0..1"),
-        ("guidance", params.guidance in MODES, f"must be one of {', '.join(MODES)}"),
-        ("guidance", params.guidance != "autoguidance" or model.guide is not None, "this model has no guide model"),
-        ("guidance_scale", math.isfinite(params.guidance_scale) and params.guidance_scale >= 0,
-         "must be a finite number >= 0"),
-        ("seed", 0 <= params.seed < 2**32, "must be in 0..2**32-1"),
-        ("output_format", params.output_format in formats, f"must be one of {', '.join(formats)}"),
-        ("priority", params.priority in PRIORITIES, f"must be one of {', '.join(PRIORITIES)}"),
-        ("timeout_s", params.timeout_s is None or params.timeout_s > 0, "must be positive"),
-    ]
-    for name, ok, message in checks:
-        if not ok:
-            raise JobInputError(name, message)
-    return params
-
+__all__ = ["RUNNERS", "JobInputError", "Runner"]
 
 def begin_txt2img(model: LoadedModel, jobs: list[Txt2ImgParams]) -> list[list[Row]]:
     """Each job's rows at step 0. Jobs of one size are begun together: one text-encoder call
@@ -215,25 +67,10 @@ class Img2ImgParams(Txt2ImgParams):
         return CATALOG[self.sampler].calls(self.steps_run)
 
 
-def _extend(cls, base: Txt2ImgParams, **task_fields):
-    """An image task's params: the txt2img ones it shares, parsed once, plus its own."""
-    return cls(**{f.name: getattr(base, f.name) for f in fields(Txt2ImgParams)}, **task_fields)
-
-
-def _image(inputs: dict[str, bytes] | None, name: str) -> np.ndarray:
-    data = (inputs or {}).get(name)
-    if data is None:
-        raise JobInputError(name, "missing from the job's stored inputs")
-    try:
-        return from_png(data)
-    except Exception as exc:
-        raise JobInputError(name, f"stored input does not decode: {type(exc).__name__}") from None
-
-
 def parse_img2img(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> Img2ImgParams:
     base = parse_txt2img(request, model)
-    strength = _get(request, "strength", float, 0.8)
-    params = _extend(Img2ImgParams, base, strength=strength, image=_image(inputs, "image"))
+    strength = get_field(request, "strength", float, 0.8)
+    params = extend(Img2ImgParams, base, strength=strength, image=stored_image(inputs, "image"))
     if not 0 < strength <= 1 or params.steps_run < 1:
         raise JobInputError("strength", "must be in (0, 1] with steps * strength >= 1")
     if params.image.shape != (params.height, params.width, 3):
@@ -259,8 +96,8 @@ class InpaintParams(Txt2ImgParams):
 
 def parse_inpaint(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> InpaintParams:
     base = parse_txt2img(request, model)
-    params = _extend(InpaintParams, base, mask_blur=_get(request, "mask_blur", int, 0),
-                     image=_image(inputs, "image"), mask=_image(inputs, "mask"))
+    params = extend(InpaintParams, base, mask_blur=get_field(request, "mask_blur", int, 0),
+                    image=stored_image(inputs, "image"), mask=stored_image(inputs, "mask"))
     if params.image.shape != (params.height, params.width, 3):
         raise JobInputError("image", f"stored image is {params.image.shape}, the job {params.width}x{params.height}")
     if params.mask.shape != (params.height, params.width):
@@ -297,12 +134,12 @@ def parse_superres(request: Any, model: LoadedModel, inputs: dict[str, bytes] | 
     service.chain) one per image: `image:0`, `image:1`, ..."""
     base = parse_txt2img(request, model)
     if inputs and "image:0" in inputs:
-        images = np.stack([_image(inputs, f"image:{k}") for k in range(base.num_images)])
+        images = np.stack([stored_image(inputs, f"image:{k}") for k in range(base.num_images)])
     else:
-        images = base.repeated(_image(inputs, "image"))
-    noise_level = _get(request, "noise_level", int, DEFAULT_NOISE_LEVEL)
-    params = _extend(SuperresParams, base, noise_level=noise_level, images=images,
-                     back_projection=bool(request.get("back_projection", True)))
+        images = base.repeated(stored_image(inputs, "image"))
+    noise_level = get_field(request, "noise_level", int, DEFAULT_NOISE_LEVEL)
+    params = extend(SuperresParams, base, noise_level=noise_level, images=images,
+                    back_projection=bool(request.get("back_projection", True)))
     f = model.vae_scale_factor
     if params.images.shape[1:] != (params.height // f, params.width // f, 3):
         raise JobInputError("image", f"stored image is {params.images.shape[1:]}, the job "
@@ -345,15 +182,15 @@ class VideoParams(Txt2ImgParams):
 
 def parse_txt2video(request: Any, model: LoadedModel, inputs: dict[str, bytes] | None = None) -> VideoParams:
     base = parse_txt2img(request, model, formats=tuple(VIDEO_FORMATS))
-    params = _extend(VideoParams, base, frames=_get(request, "num_frames", int), fps=_get(request, "fps", int, 8),
-                     free_init=_get(request, "free_init_iterations", int, 1))
+    params = extend(VideoParams, base, frames=get_field(request, "num_frames", int),
+                    fps=get_field(request, "fps", int, 8), free_init=get_field(request, "free_init_iterations", int, 1))
     # The registry keeps max_frames within the adapter's temporal position embeddings.
     if not model.spec.limits.min_frames <= params.frames <= model.spec.limits.max_frames:
         raise JobInputError("num_frames", f"must be in {model.spec.limits.min_frames}..{model.spec.limits.max_frames}")
-    if not 1 <= params.fps <= 60:
-        raise JobInputError("fps", "must be in 1..60")
-    if not 1 <= params.free_init <= 4:
-        raise JobInputError("free_init_iterations", "must be in 1..4")
+    if not 1 <= params.fps <= MAX_FPS:
+        raise JobInputError("fps", f"must be in 1..{MAX_FPS}")
+    if not 1 <= params.free_init <= MAX_FREE_INIT:
+        raise JobInputError("free_init_iterations", f"must be in 1..{MAX_FREE_INIT}")
     if request.get("preview"):  # service.previews projects image rows, not [C, F, h, w]
         raise JobInputError("preview", "txt2video sends no previews")
     return params

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engines.registry import MAX_FPS, MAX_FREE_INIT
+
 Task = Literal["txt2img", "img2img", "inpaint", "superres", "txt2video"]
 
 
@@ -40,11 +42,13 @@ class GenerateRequest(BaseModel):
                           "everywhere), webp (animated, lossless), gif (animated, 256 colors).")
     num_frames: int | None = Field(None, ge=1, description="txt2video: frames per video (the model's default; at "
                                    "most its limits.max_frames, GET /v1/models).")
-    fps: int | None = Field(None, ge=1, le=60, description="txt2video: frames per second of the file (default 8).")
+    fps: int | None = Field(None, ge=1, le=MAX_FPS,
+                            description="txt2video: frames per second of the file (default 8).")
     free_init_iterations: int | None = Field(
-        None, ge=1, le=4, description="txt2video: denoising passes, with FreeInit's noise re-initialisation between "
-                                      "them (Wu et al. 2023; diffusers' enable_free_init): frames agree more with "
-                                      "each other, at that many times the cost. 1 (default): off.")
+        None, ge=1, le=MAX_FREE_INIT,
+        description="txt2video: denoising passes, with FreeInit's noise re-initialisation between them "
+                    "(Wu et al. 2023; diffusers' enable_free_init): frames agree more with each other, at that "
+                    "many times the cost. 1 (default): off.")
     priority: Literal["high", "normal", "low"] = Field(
         "normal", description="A high-priority job joins a full batch at the next step by pausing lower-priority "
                               "ones, which resume where they stopped.")
