@@ -239,3 +239,17 @@ def test_object_weights_cover_the_object_and_its_rim_and_nothing_else():
         assert 4 <= int((w[0, 0, k] > 1).sum()) <= 40  # a small star and its rim, not the scene
     border = torch.cat([w[..., 0, :], w[..., -1, :], w[..., :, 0], w[..., :, -1]], dim=-1)
     assert (border == 1).all()  # the VAE's edge ripple is not an object
+
+
+def test_clips_draw_small_objects_at_the_share_asked_and_the_scored_clips_stay_as_they_were():
+    from training.clips import clip_caption, random_clip
+    from training.evaluate_video import eval_clips
+
+    rng = random.Random(3)
+    clips = [random_clip(rng, small_share=0.8) for _ in range(600)]
+    assert 0.75 <= np.mean([c.obj.size == "small" for c in clips]) <= 0.85
+    said = [(c.obj.size, set(clip_caption(c, rng).split()) & {"small", "large"}) for c in clips]
+    assert all(words <= {size} for size, words in said) and sum(bool(words) for _, words in said) > 100
+    # Without a share the stream is the domain's own: the scored set (clip seed 17) is the one
+    # the eval reports were made on, 60 of its 128 objects small.
+    assert sum(c.obj.size == "small" for c in eval_clips(128, 17)) == 60

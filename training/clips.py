@@ -18,7 +18,7 @@ object's centroid and calls the motion from the line fitted through the track.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -51,8 +51,18 @@ class Clip:
         return (self.start[0] + w * (self.end[0] - self.start[0]), self.start[1] + w * (self.end[1] - self.start[1]))
 
 
-def random_clip(rng: random.Random, still: float = 0.2) -> Clip:
-    """A training clip: still with probability `still`, else one of the four directions."""
+def random_clip(rng: random.Random, still: float = 0.2, small_share: float | None = None) -> Clip:
+    """A training clip: still with probability `still`, else one of the four directions; its
+    object small with probability `small_share` where one is given (else as the image domain
+    draws sizes, half and half: the same clips as always, for the scored sets)."""
+    clip = _random_clip(rng, still)
+    if small_share is None:
+        return clip
+    size = "small" if rng.random() < small_share else "large"
+    return replace(clip, obj=replace(clip.obj, size=size))
+
+
+def _random_clip(rng: random.Random, still: float) -> Clip:
     if rng.random() < still:
         obj = random_object(rng, rng.choice(POSITIONS))
         fx, fy = ANCHORS[obj.position]

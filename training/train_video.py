@@ -124,14 +124,16 @@ def build(args) -> tuple[PreTrainedTokenizerFast, VideoNet]:
 
 
 @torch.no_grad()
-def build_clip_bank(vae_dir: Path, n: int, frames: int, seed: int = 1, chunk: int = 256, device: str = "cpu") -> dict:
+def build_clip_bank(vae_dir: Path, n: int, frames: int, seed: int = 1, chunk: int = 256, device: str = "cpu",
+                    small_share: float | None = None) -> dict:
     """{"latents": fp16 [n, C, frames, h, w] (posterior means x scaling, each frame encoded
-    alone as AnimateDiff does), "captions"}; encoded on `device`."""
+    alone as AnimateDiff does), "captions"}; encoded on `device`; `small_share` of the objects
+    small (None: the domain's own half)."""
     vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval().to(device)
     rng = random.Random(seed)
     clips, captions = [], []
     for _ in range(n):
-        clip = random_clip(rng)
+        clip = random_clip(rng, small_share=small_share)
         clips.append(render_clip(clip, frames))
         captions.append(clip_caption(clip, rng))
     pixels = torch.from_numpy(np.stack(clips)).flatten(0, 1).permute(0, 3, 1, 2)  # [n * frames, 3, H, W]
@@ -141,16 +143,17 @@ def build_clip_bank(vae_dir: Path, n: int, frames: int, seed: int = 1, chunk: in
         mean = vae.encode(x).latent_dist.mean
         latents.append(((mean - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor).half().cpu())
     latents = torch.cat(latents).unflatten(0, (n, frames)).transpose(1, 2)
-    return {"latents": latents.contiguous(), "captions": captions, "frames": frames}
+    return {"latents": latents.contiguous(), "captions": captions, "frames": frames, "small_share": small_share}
 
 
 def load_or_build_bank(args, frames: int, n: int, name: str = "bank.pt", seed: int = 1) -> dict:
     path = args.out / name
     if path.exists():
         bank = torch.load(path, weights_only=False)
-        if len(bank["captions"]) >= n and bank["frames"] == frames:
+        if len(bank["captions"]) >= n and bank["frames"] == frames and bank.get("small_share") == args.small_share:
             return bank
-    bank = build_clip_bank(args.vae or args.image_model / "vae", n, frames, seed=seed, device=args.device)
+    bank = build_clip_bank(args.vae or args.image_model / "vae", n, frames, seed=seed, device=args.device,
+                           small_share=args.small_share)
     torch.save(bank, path)
     print(f"bank: {n} clips of {frames} frames", flush=True)
     return bank
@@ -265,7 +268,7 @@ def export(args) -> None:
         "image_model": str(args.image_model), "frames": args.frames,
         "min_frames": args.min_frames or args.frames, "max_frames": args.max_frames,
         "heads": args.heads, "joint": args.joint, "joint_lr_scale": args.joint_lr_scale if args.joint else None,
-        "object_weight": args.object_weight,
+        "object_weight": args.object_weight, "small_share": args.small_share,
         "added_words": list(MOTION_WORDS), "device": extra.get("device", "cpu"), "amp": extra.get("amp", False),
         "bank": extra.get("bank"), "batch": extra.get("batch", args.batch),
     }, indent=2))
@@ -286,6 +289,8 @@ def main() -> None:
     parser.add_argument("--joint-lr-scale", type=float, default=0.1, help="their learning rate, times --lr")
     parser.add_argument("--object-weight", type=float, default=0.0,
                         help="weigh the loss on the object's latent pixels 1 + this (0: plain MSE)")
+    parser.add_argument("--small-share", type=float, help="draw training clips' objects small this often "
+                        "(default: half, as the image domain); small objects are where frames disagree")
     parser.set_defaults(vae=None, bank=4000, batch=8)  # vae: the image model's own
     args = parse(parser)
     if args.frames > args.max_frames:
