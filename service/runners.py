@@ -32,7 +32,6 @@ from service.media import encode_image
 from service.queue import StoredImage
 from service.video_media import VIDEO_FORMATS, encode_video
 
-__all__ = ["RUNNERS", "JobInputError", "Runner"]
 
 def begin_txt2img(model: LoadedModel, jobs: list[Txt2ImgParams]) -> list[list[Row]]:
     """Each job's rows at step 0. Jobs of one size are begun together: one text-encoder call

@@ -32,10 +32,11 @@ from service.active import Active, Call
 from service.config import Settings, load_settings
 from service.cost import CostMeter, row_units
 from service.delivery import Deliveries
+from service.job_params import JobInputError
 from service.metrics import BatchRecord, JobRecord, WorkerExporter
 from service.previews import Previews
 from service.queue import Claimed, Outcome, WorkerQueue, check_redis_version, redis_version
-from service.runners import RUNNERS, JobInputError
+from service.runners import RUNNERS
 from service.worker_models import load_models
 from service.scheduler import Decision, Scheduler
 
