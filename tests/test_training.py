@@ -253,3 +253,32 @@ def test_clips_draw_small_objects_at_the_share_asked_and_the_scored_clips_stay_a
     # Without a share the stream is the domain's own: the scored set (clip seed 17) is the one
     # the eval reports were made on, 60 of its 128 objects small.
     assert sum(c.obj.size == "small" for c in eval_clips(128, 17)) == 60
+
+
+def test_a_resumed_run_takes_its_learning_rate_scales_from_its_command_line(tmp_path):
+    """The optimizer's saved state carries each group's lr_scale; a run resumed with another
+    (--joint-lr-scale) must train at the new one, not the checkpoint's."""
+    from types import SimpleNamespace
+
+    from training.loop import fit
+
+    class Net(torch.nn.ModuleDict):
+        def __init__(self, scale):
+            super().__init__({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)})
+            self.scale = scale
+
+        def param_groups(self):
+            return [{"params": self["a"].parameters(), "lr_scale": 1.0},
+                    {"params": self["b"].parameters(), "lr_scale": self.scale}]
+
+    def loss(_rng, net):
+        return sum(net[k](torch.ones(1, 2)).square().sum() for k in ("a", "b"))
+
+    args = SimpleNamespace(out=tmp_path, steps=1, minutes=1, lr=1e-3, ema=0.9, seed=0, snapshot_steps=[],
+                           device="cpu", amp=False, batch=1, bank=1)
+    for steps, scale in ((1, 0.1), (2, 0.5)):
+        net = Net(scale)
+        fit(SimpleNamespace(**{**vars(args), "steps": steps}), net, lambda rng, net=net: loss(rng, net))
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert saved["step"] == 2
+    assert [g["lr_scale"] for g in saved["optimizer"]["param_groups"]] == [1.0, 0.5]

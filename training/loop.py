@@ -32,6 +32,9 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
     ckpt = args.out / "checkpoint.pt"
     modules = {"net": net, "ema": ema}
     step, extra = checkpoint.load(ckpt, modules, opt)
+    if hasattr(net, "param_groups"):  # the optimizer's state restores the saved scales: this run's win
+        for group, declared in zip(opt.param_groups, net.param_groups()):
+            group["lr_scale"] = declared["lr_scale"]
     rng = random.Random(args.seed + step)  # a fresh stream after a resume, still seeded
     print(f"{args.out.name}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M trained params, "
           f"from step {step}", flush=True)
