@@ -41,10 +41,11 @@ def generate(model, prompts: list[str], frames: int, batch: int = 4, seed: int =
 
     d = model.spec.defaults
     sampler, steps = sampling.get("sampler", d.sampler), sampling.get("steps", d.steps)
-    guidance = sampling.get("guidance_scale", d.guidance_scale)
+    scale, mode = sampling.get("guidance_scale", d.guidance_scale), sampling.get("guidance", d.guidance)
     out = []
     for i in range(0, len(prompts), batch):
-        rows = [ImageRequest(p, "", seed + i + k, guidance, sampler, steps) for k, p in enumerate(prompts[i:i + batch])]
+        rows = [ImageRequest(p, "", seed + i + k, scale, sampler, steps, guidance=mode)
+                for k, p in enumerate(prompts[i:i + batch])]
         job = video.VideoBatch(Txt2ImgBatch(d.width, d.height, sampler, steps, rows), frames,
                                free_init=sampling.get("free_init", 1))
         out.append(video.run(model, job).numpy())
@@ -83,6 +84,7 @@ def evaluate(model, n: int, frames: int, clip_seed: int = 17, **sampling) -> dic
     return {"n": n, "frames": frames, "size": f"{d.width}x{d.height}", "clip_seed": clip_seed,
             "sampling": {"sampler": sampling.get("sampler", d.sampler), "steps": sampling.get("steps", d.steps),
                          "guidance_scale": sampling.get("guidance_scale", d.guidance_scale),
+                         "guidance": sampling.get("guidance", d.guidance),
                          "free_init_iterations": sampling.get("free_init", 1)},
             "model": score(clips, videos),
             "rendered_clips": score(clips, np.stack([render_clip(c, frames) for c in clips])),
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--clip-seed", type=int, default=17, help="another seed: a tuning set apart from the scored one")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance-scale", type=float)
+    parser.add_argument("--guidance", choices=("cfg", "apg", "none"), help="the guidance mode (default: the model's)")
     parser.add_argument("--free-init", type=int, help="FreeInit passes (the request's free_init_iterations)")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
     parser.add_argument("--gif", type=Path, help="write the first clips here as one animated GIF grid")
@@ -107,7 +110,7 @@ def main() -> None:
 
     model = video.load(load_registry(args.registry).get(args.model))
     sampling = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
-                                  ("free_init", args.free_init)) if v is not None}
+                                  ("guidance", args.guidance), ("free_init", args.free_init)) if v is not None}
     result, videos = evaluate(model, args.n, args.frames, args.clip_seed, **sampling)
     report({"model_id": args.model, **result}, args.out)
     if args.gif:
