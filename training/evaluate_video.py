@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engines.guidance import MODES
 from training.clips import DIRECTIONS, Clip, describe_clip, random_clip, read_clip, render_clip, score_reading
 from training.evaluate import ROOT, report
 
@@ -34,20 +35,26 @@ def eval_clips(n: int, seed: int = 17) -> list[Clip]:
     return [random_clip(rng) for _ in range(n)]
 
 
+def settings(model, sampling: dict) -> dict:
+    """The sampling a run uses and reports: `sampling`'s keys over the model's defaults."""
+    d = model.spec.defaults
+    return {"sampler": sampling.get("sampler", d.sampler), "steps": sampling.get("steps", d.steps),
+            "guidance_scale": sampling.get("guidance_scale", d.guidance_scale),
+            "guidance": sampling.get("guidance", d.guidance), "free_init_iterations": sampling.get("free_init", 1)}
+
+
 def generate(model, prompts: list[str], frames: int, batch: int = 4, seed: int = 5000, **sampling) -> np.ndarray:
     """uint8 [n, F, H, W, 3] through engines.tasks.video at the model's defaults (or `sampling`)."""
     from engines.tasks import video
     from engines.tasks.txt2img import ImageRequest, Txt2ImgBatch
 
-    d = model.spec.defaults
-    sampler, steps = sampling.get("sampler", d.sampler), sampling.get("steps", d.steps)
-    scale, mode = sampling.get("guidance_scale", d.guidance_scale), sampling.get("guidance", d.guidance)
+    d, s = model.spec.defaults, settings(model, sampling)
     out = []
     for i in range(0, len(prompts), batch):
-        rows = [ImageRequest(p, "", seed + i + k, scale, sampler, steps, guidance=mode)
+        rows = [ImageRequest(p, "", seed + i + k, s["guidance_scale"], s["sampler"], s["steps"], guidance=s["guidance"])
                 for k, p in enumerate(prompts[i:i + batch])]
-        job = video.VideoBatch(Txt2ImgBatch(d.width, d.height, sampler, steps, rows), frames,
-                               free_init=sampling.get("free_init", 1))
+        job = video.VideoBatch(Txt2ImgBatch(d.width, d.height, s["sampler"], s["steps"], rows), frames,
+                               free_init=s["free_init_iterations"])
         out.append(video.run(model, job).numpy())
     return np.concatenate(out)
 
@@ -82,10 +89,7 @@ def evaluate(model, n: int, frames: int, clip_seed: int = 17, **sampling) -> dic
     videos = generate(model, [describe_clip(c) for c in clips], frames, **sampling)
     d = model.spec.defaults
     return {"n": n, "frames": frames, "size": f"{d.width}x{d.height}", "clip_seed": clip_seed,
-            "sampling": {"sampler": sampling.get("sampler", d.sampler), "steps": sampling.get("steps", d.steps),
-                         "guidance_scale": sampling.get("guidance_scale", d.guidance_scale),
-                         "guidance": sampling.get("guidance", d.guidance),
-                         "free_init_iterations": sampling.get("free_init", 1)},
+            "sampling": settings(model, sampling),
             "model": score(clips, videos),
             "rendered_clips": score(clips, np.stack([render_clip(c, frames) for c in clips])),
             "elapsed_s": round(time.perf_counter() - started, 1)}, videos
@@ -100,7 +104,7 @@ def main() -> None:
     parser.add_argument("--clip-seed", type=int, default=17, help="another seed: a tuning set apart from the scored one")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--guidance-scale", type=float)
-    parser.add_argument("--guidance", choices=("cfg", "apg", "none"), help="the guidance mode (default: the model's)")
+    parser.add_argument("--guidance", choices=MODES, help="the guidance mode (default: the model's)")
     parser.add_argument("--free-init", type=int, help="FreeInit passes (the request's free_init_iterations)")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
     parser.add_argument("--gif", type=Path, help="write the first clips here as one animated GIF grid")

@@ -29,12 +29,12 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
     # video trainer fine-tunes frozen-by-default layers slower than the ones it adds.
     groups = net.param_groups() if hasattr(net, "param_groups") else net.parameters()
     opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01)
+    scales = [group.get("lr_scale", 1.0) for group in opt.param_groups]
     ckpt = args.out / "checkpoint.pt"
     modules = {"net": net, "ema": ema}
     step, extra = checkpoint.load(ckpt, modules, opt)
-    if hasattr(net, "param_groups"):  # the optimizer's state restores the saved scales: this run's win
-        for group, declared in zip(opt.param_groups, net.param_groups()):
-            group["lr_scale"] = declared["lr_scale"]
+    for group, scale in zip(opt.param_groups, scales):  # loading restored the saved run's; this run's apply
+        group["lr_scale"] = scale
     rng = random.Random(args.seed + step)  # a fresh stream after a resume, still seeded
     print(f"{args.out.name}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f}M trained params, "
           f"from step {step}", flush=True)
