@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 
 from service.config import ROOT
@@ -282,3 +283,18 @@ def test_a_resumed_run_takes_its_learning_rate_scales_from_its_command_line(tmp_
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 2
     assert [g["lr_scale"] for g in saved["optimizer"]["param_groups"]] == [1.0, 0.5]
+
+
+def test_the_learning_rate_warms_up_holds_and_with_a_cooldown_decays_to_zero_at_the_last_step():
+    from types import SimpleNamespace
+
+    from training.loop import learning_rate
+
+    held = SimpleNamespace(lr=1e-3, steps=1000, cooldown=0)
+    assert learning_rate(held, 0) == pytest.approx(1e-3 / 200)
+    assert learning_rate(held, 500) == learning_rate(held, 999) == 1e-3
+    annealed = SimpleNamespace(lr=1e-3, steps=1000, cooldown=400)
+    assert learning_rate(annealed, 600) == 1e-3
+    assert learning_rate(annealed, 800) == pytest.approx(0.5e-3)
+    assert learning_rate(annealed, 999) == pytest.approx(1e-3 / 400)
+    assert learning_rate(annealed, 1000) == 0.0

@@ -47,7 +47,7 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
     stop = stop_on_signal()
     net.train()
     while step < args.steps and time.time() - started < args.minutes * 60 and not stop.is_set():
-        lr = args.lr * min(1.0, (step + 1) / 200)
+        lr = learning_rate(args, step)
         for group in opt.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         with autocast(args):
@@ -73,6 +73,16 @@ def fit(args, net: torch.nn.Module, loss_on_batch: Callable[[random.Random], tor
             last_save = time.time()
     checkpoint.save(ckpt, step, modules, opt, run_extra())
     print(f"stopped at step {step}", flush=True)
+
+
+def learning_rate(args, step: int) -> float:
+    """Linear warmup over 200 steps, then constant; with `--cooldown N`, a linear decay to zero
+    over the last N steps before `--steps` (warmup-stable-decay: a run can be resumed from any
+    checkpoint of the constant phase and annealed from there)."""
+    lr = args.lr * min(1.0, (step + 1) / 200)
+    if getattr(args, "cooldown", 0):
+        lr *= min(1.0, max(0.0, (args.steps - step) / args.cooldown))
+    return lr
 
 
 def autocast(args):
@@ -107,6 +117,8 @@ def denoiser_args(description: str, name: str, *, steps: int, lr: float,
     parser.add_argument("--export-step", type=int, help="export this snapshot instead of the last step")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--minutes", type=float, default=60)
+    parser.add_argument("--cooldown", type=int, default=0,
+                        help="decay the learning rate linearly to zero over the last N steps before --steps")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--ema", type=float, default=0.999)
