@@ -32,6 +32,17 @@ class JobRecord:
     end_to_end_s: float
     failure_reason: str | None = None
 
+    @classmethod
+    def finished(cls, *, model: str, task: str, status: str, images: int, created_at: float,
+                 started_at: float | None, now: float, failure: str | None) -> "JobRecord":
+        """A job's record at its end: queue time only if it started, inference time only if it
+        succeeded, the failure reason only if it failed."""
+        return cls(model=model, task=task, status=status, images=images,
+                   queue_s=(started_at - created_at) if started_at else None,
+                   inference_s=(now - started_at) if started_at and status == "succeeded" else None,
+                   end_to_end_s=now - created_at,
+                   failure_reason=failure if status == "failed" else None)
+
 
 @dataclass(frozen=True)
 class BatchRecord:

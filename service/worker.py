@@ -358,15 +358,10 @@ class Worker:
             if not was_stored:
                 log.info("job %s already finished elsewhere (or expired); result discarded", o.job.id)
                 continue
-            started_at = o.job.started_at
-            self.exporter.job(JobRecord(
-                model=o.job.model, task=o.job.task if o.job.task in RUNNERS else "unknown",
-                status=o.status, images=len(o.images),
-                queue_s=(started_at - o.job.created_at) if started_at else None,
-                inference_s=(now - started_at) if started_at and o.status == "succeeded" else None,
-                end_to_end_s=now - o.job.created_at,
-                failure_reason=failure if o.status == "failed" else None,
-            ))
+            self.exporter.job(JobRecord.finished(
+                model=o.job.model, task=o.job.task if o.job.task in RUNNERS else "unknown", status=o.status,
+                images=len(o.images), created_at=o.job.created_at, started_at=o.job.started_at, now=now,
+                failure=failure))
 
 
 def main() -> None:

@@ -32,3 +32,18 @@ def test_random_model_names_and_methods_do_not_grow_the_series(api):
     assert "unknown" in labels and not any(m.startswith("m-") for m in labels)
     methods = {dict(l)["method"] for name, l in after if name == "latentserve_http_requests_total"}
     assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
+
+
+def test_a_job_record_times_only_what_happened():
+    from service.metrics import JobRecord
+
+    ran = JobRecord.finished(model="m", task="txt2img", status="succeeded", images=1, created_at=10.0,
+                             started_at=12.0, now=15.0, failure="ignored")
+    assert (ran.queue_s, ran.inference_s, ran.end_to_end_s, ran.failure_reason) == (2.0, 3.0, 5.0, None)
+    never_started = JobRecord.finished(model="m", task="txt2img", status="failed", images=0, created_at=10.0,
+                                       started_at=None, now=11.0, failure="invalid_input")
+    assert (never_started.queue_s, never_started.inference_s, never_started.failure_reason) == \
+        (None, None, "invalid_input")
+    cancelled = JobRecord.finished(model="m", task="txt2img", status="cancelled", images=0, created_at=10.0,
+                                   started_at=12.0, now=13.0, failure=None)
+    assert (cancelled.queue_s, cancelled.inference_s) == (2.0, None)
