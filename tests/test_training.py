@@ -276,7 +276,7 @@ def test_a_resumed_run_takes_its_learning_rate_scales_from_its_command_line(tmp_
         return sum(net[k](torch.ones(1, 2)).square().sum() for k in ("a", "b"))
 
     args = SimpleNamespace(out=tmp_path, steps=1, minutes=1, lr=1e-3, ema=0.9, seed=0, snapshot_steps=[],
-                           device="cpu", amp=False, batch=1, bank=1)
+                           device="cpu", amp=False, batch=1, bank=1, cooldown=0)
     for steps, scale in ((1, 0.1), (2, 0.5)):
         net = Net(scale)
         fit(SimpleNamespace(**{**vars(args), "steps": steps}), net, lambda rng, net=net: loss(rng, net))

@@ -80,7 +80,7 @@ def learning_rate(args, step: int) -> float:
     over the last N steps before `--steps` (warmup-stable-decay: a run can be resumed from any
     checkpoint of the constant phase and annealed from there)."""
     lr = args.lr * min(1.0, (step + 1) / 200)
-    if getattr(args, "cooldown", 0):
+    if args.cooldown:
         lr *= min(1.0, max(0.0, (args.steps - step) / args.cooldown))
     return lr
 
