@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,23 @@ def eval_clips(n: int, seed: int = 17) -> list[Clip]:
     return [random_clip(rng) for _ in range(n)]
 
 
-def settings(model, sampling: dict) -> dict:
-    """The sampling a run uses and reports: `sampling`'s keys over the model's defaults."""
+@dataclass(frozen=True)
+class Sampling:
+    """The sampling a run uses and reports."""
+
+    sampler: str
+    steps: int
+    guidance_scale: float
+    guidance: str
+    free_init_iterations: int
+
+
+def settings(model, sampling: dict) -> Sampling:
+    """`sampling`'s keys over the model's defaults."""
     d = model.spec.defaults
-    return {"sampler": sampling.get("sampler", d.sampler), "steps": sampling.get("steps", d.steps),
-            "guidance_scale": sampling.get("guidance_scale", d.guidance_scale),
-            "guidance": sampling.get("guidance", d.guidance), "free_init_iterations": sampling.get("free_init", 1)}
+    return Sampling(sampling.get("sampler", d.sampler), sampling.get("steps", d.steps),
+                    sampling.get("guidance_scale", d.guidance_scale), sampling.get("guidance", d.guidance),
+                    sampling.get("free_init", 1))
 
 
 def generate(model, prompts: list[str], frames: int, batch: int = 4, seed: int = 5000, **sampling) -> np.ndarray:
@@ -51,10 +63,10 @@ def generate(model, prompts: list[str], frames: int, batch: int = 4, seed: int =
     d, s = model.spec.defaults, settings(model, sampling)
     out = []
     for i in range(0, len(prompts), batch):
-        rows = [ImageRequest(p, "", seed + i + k, s["guidance_scale"], s["sampler"], s["steps"], guidance=s["guidance"])
+        rows = [ImageRequest(p, "", seed + i + k, s.guidance_scale, s.sampler, s.steps, guidance=s.guidance)
                 for k, p in enumerate(prompts[i:i + batch])]
-        job = video.VideoBatch(Txt2ImgBatch(d.width, d.height, s["sampler"], s["steps"], rows), frames,
-                               free_init=s["free_init_iterations"])
+        job = video.VideoBatch(Txt2ImgBatch(d.width, d.height, s.sampler, s.steps, rows), frames,
+                               free_init=s.free_init_iterations)
         out.append(video.run(model, job).numpy())
     return np.concatenate(out)
 
@@ -89,7 +101,7 @@ def evaluate(model, n: int, frames: int, clip_seed: int = 17, **sampling) -> dic
     videos = generate(model, [describe_clip(c) for c in clips], frames, **sampling)
     d = model.spec.defaults
     return {"n": n, "frames": frames, "size": f"{d.width}x{d.height}", "clip_seed": clip_seed,
-            "sampling": settings(model, sampling),
+            "sampling": asdict(settings(model, sampling)),
             "model": score(clips, videos),
             "rendered_clips": score(clips, np.stack([render_clip(c, frames) for c in clips])),
             "elapsed_s": round(time.perf_counter() - started, 1)}, videos
