@@ -130,15 +130,18 @@ def test_the_temporal_layers_matter_and_videos_do_not_depend_on_batch_mates(regi
 
 def test_the_video_scorer_runs_through_the_serving_engine_and_reads_rendered_clips_perfectly(registry):
     """training.evaluate_video end to end at a smoke size: the report names the sampling it ran
-    (the request's over the model's defaults) and scores the rendered clips at its ceiling."""
+    (the request's over the model's defaults) and scores the rendered clips at its ceiling, also
+    after a round trip through the model's VAE."""
     from training.evaluate_video import evaluate
 
-    result, videos = evaluate(video.load(registry.get("shapes-video")), n=2, frames=FRAMES, steps=3, free_init=1)
+    model = video.load(registry.get("shapes-video"))
+    result, videos = evaluate(model, n=2, frames=FRAMES, vae_ceiling=True, steps=3, free_init=1)
     assert videos.shape == (2, FRAMES, 64, 64, 3) and videos.dtype == np.uint8
     assert result["sampling"] == {"sampler": "ddim", "steps": 3, "guidance_scale": 5.0, "guidance": "cfg",
                                   "free_init_iterations": 1}
-    rendered = result["rendered_clips"]
-    assert rendered["per_frame_color_and_shape"] == rendered["same_object_every_frame"] == 1.0
+    for ceiling in ("rendered_clips", "rendered_clips_through_vae"):
+        rendered = result[ceiling]
+        assert rendered["per_frame_color_and_shape"] == rendered["same_object_every_frame"] == 1.0, ceiling
     assert result["model"]["moving_clips"] + result["model"]["still_clips"] == 2
 
 

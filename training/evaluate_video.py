@@ -11,7 +11,9 @@ training.scorer per frame, the object's centroid track, a line fitted through it
 - motion: of the moving prompts, the share read as the asked direction whose object travels at
   least a quarter of the frame along it; of the still prompts, the share read as still;
 - the same object (color and shape, one object, same background) in every frame.
-The same scorer's figures on the rendered clips themselves are reported beside (its ceiling).
+The same scorer's figures on the rendered clips themselves are reported beside (its ceiling), and
+with `--vae-ceiling` on the rendered clips passed through the model's VAE (the ceiling its latent
+space puts on a denoiser).
 """
 
 from __future__ import annotations
@@ -95,16 +97,33 @@ def score(clips: list[Clip], videos: np.ndarray) -> dict:
             "same_object_every_frame": rate(same)}
 
 
-def evaluate(model, n: int, frames: int, clip_seed: int = 17, **sampling) -> dict:
+def vae_round_trip(model_path: Path, videos: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """uint8 videos with every frame encoded (the latent's mode) and decoded by the model's VAE."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(Path(model_path) / "vae").eval()
+    x = torch.from_numpy(videos.reshape(-1, *videos.shape[2:])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        y = torch.cat([vae.decode(vae.encode(x[i:i + chunk]).latent_dist.mode()).sample
+                       for i in range(0, len(x), chunk)])
+    y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    return y.numpy().reshape(videos.shape)
+
+
+def evaluate(model, n: int, frames: int, clip_seed: int = 17, vae_ceiling: bool = False, **sampling) -> dict:
     started = time.perf_counter()
     clips = eval_clips(n, clip_seed)
     videos = generate(model, [describe_clip(c) for c in clips], frames, **sampling)
+    rendered = np.stack([render_clip(c, frames) for c in clips])
     d = model.spec.defaults
-    return {"n": n, "frames": frames, "size": f"{d.width}x{d.height}", "clip_seed": clip_seed,
-            "sampling": asdict(settings(model, sampling)),
-            "model": score(clips, videos),
-            "rendered_clips": score(clips, np.stack([render_clip(c, frames) for c in clips])),
-            "elapsed_s": round(time.perf_counter() - started, 1)}, videos
+    result = {"n": n, "frames": frames, "size": f"{d.width}x{d.height}", "clip_seed": clip_seed,
+              "sampling": asdict(settings(model, sampling)),
+              "model": score(clips, videos),
+              "rendered_clips": score(clips, rendered)}
+    if vae_ceiling:
+        result["rendered_clips_through_vae"] = score(clips, vae_round_trip(model.spec.path, rendered))
+    return {**result, "elapsed_s": round(time.perf_counter() - started, 1)}, videos
 
 
 def main() -> None:
@@ -118,6 +137,7 @@ def main() -> None:
     parser.add_argument("--guidance-scale", type=float)
     parser.add_argument("--guidance", choices=MODES, help="the guidance mode (default: the model's)")
     parser.add_argument("--free-init", type=int, help="FreeInit passes (the request's free_init_iterations)")
+    parser.add_argument("--vae-ceiling", action="store_true", help="also score the rendered clips through the VAE")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
     parser.add_argument("--gif", type=Path, help="write the first clips here as one animated GIF grid")
     args = parser.parse_args()
@@ -127,7 +147,7 @@ def main() -> None:
     model = video.load(load_registry(args.registry).get(args.model))
     sampling = {k: v for k, v in (("steps", args.steps), ("guidance_scale", args.guidance_scale),
                                   ("guidance", args.guidance), ("free_init", args.free_init)) if v is not None}
-    result, videos = evaluate(model, args.n, args.frames, args.clip_seed, **sampling)
+    result, videos = evaluate(model, args.n, args.frames, args.clip_seed, args.vae_ceiling, **sampling)
     report({"model_id": args.model, **result}, args.out)
     if args.gif:
         write_grid_gif(videos[:8], args.gif)
