@@ -111,7 +111,8 @@ def vae_round_trip(model_path: Path, videos: np.ndarray, chunk: int = 256) -> np
     return y.numpy().reshape(videos.shape)
 
 
-def evaluate(model, n: int, frames: int, clip_seed: int = 17, vae_ceiling: bool = False, **sampling) -> dict:
+def evaluate(model, n: int, frames: int, clip_seed: int = 17, vae_ceiling: bool = False,
+             **sampling) -> tuple[dict, np.ndarray]:
     started = time.perf_counter()
     clips = eval_clips(n, clip_seed)
     videos = generate(model, [describe_clip(c) for c in clips], frames, **sampling)
