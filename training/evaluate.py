@@ -207,6 +207,17 @@ def evaluate(model, model_id: str, how: Sampling, n: int, size: tuple[int, int] 
 
 
 @torch.no_grad()
+def vae_round_trip(vae_dir: Path, images: np.ndarray, chunk: int = 64) -> np.ndarray:
+    """uint8 images [N, H, W, 3] encoded (the latent's mode) and decoded by the VAE in `vae_dir`."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    recon = torch.cat([vae(x[i : i + chunk], sample_posterior=False).sample for i in range(0, len(x), chunk)])
+    return ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+@torch.no_grad()
 def validate_scorer(vae_dir: Path | None, n: int = 512, size: tuple[int, int] = (64, 64)) -> dict:
     """Scorer accuracy on rendered ground truth and (with a VAE) on its reconstructions."""
     rng = random.Random(5)
@@ -214,12 +225,7 @@ def validate_scorer(vae_dir: Path | None, n: int = 512, size: tuple[int, int] = 
     images = np.stack([render(s, size, rng) for s in scenes])
     sets = {"rendered": images}
     if vae_dir is not None:
-        from diffusers import AutoencoderKL
-
-        vae = AutoencoderKL.from_pretrained(vae_dir, use_safetensors=True).eval()
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-        recon = torch.cat([vae(x[i : i + 64], sample_posterior=False).sample for i in range(0, n, 64)])
-        sets["vae_reconstruction"] = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        sets["vae_reconstruction"] = vae_round_trip(vae_dir, images)
     out = {}
     for name, imgs in sets.items():
         right = {"color": [], "shape": [], "size": [], "position": [], "background": []}

@@ -28,7 +28,7 @@ import numpy as np
 
 from engines.guidance import MODES
 from training.clips import DIRECTIONS, Clip, describe_clip, random_clip, read_clip, render_clip, score_reading
-from training.evaluate import ROOT, report
+from training.evaluate import ROOT, report, vae_round_trip
 
 MIN_TRAVEL = 0.25  # a moving clip counts only if its object travels this far (fraction of the frame)
 
@@ -97,20 +97,6 @@ def score(clips: list[Clip], videos: np.ndarray) -> dict:
             "same_object_every_frame": rate(same)}
 
 
-def vae_round_trip(model_path: Path, videos: np.ndarray, chunk: int = 256) -> np.ndarray:
-    """uint8 videos with every frame encoded (the latent's mode) and decoded by the model's VAE."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(Path(model_path) / "vae").eval()
-    x = torch.from_numpy(videos.reshape(-1, *videos.shape[2:])).permute(0, 3, 1, 2).float() / 127.5 - 1
-    with torch.no_grad():
-        y = torch.cat([vae.decode(vae.encode(x[i:i + chunk]).latent_dist.mode()).sample
-                       for i in range(0, len(x), chunk)])
-    y = ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-    return y.numpy().reshape(videos.shape)
-
-
 def evaluate(model, n: int, frames: int, clip_seed: int = 17, vae_ceiling: bool = False,
              **sampling) -> tuple[dict, np.ndarray]:
     started = time.perf_counter()
@@ -123,7 +109,8 @@ def evaluate(model, n: int, frames: int, clip_seed: int = 17, vae_ceiling: bool 
               "model": score(clips, videos),
               "rendered_clips": score(clips, rendered)}
     if vae_ceiling:
-        result["rendered_clips_through_vae"] = score(clips, vae_round_trip(model.spec.path, rendered))
+        frames_through_vae = vae_round_trip(Path(model.spec.path) / "vae", rendered.reshape(-1, *rendered.shape[2:]))
+        result["rendered_clips_through_vae"] = score(clips, frames_through_vae.reshape(rendered.shape))
     return {**result, "elapsed_s": round(time.perf_counter() - started, 1)}, videos
 
 
